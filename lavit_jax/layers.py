@@ -1,0 +1,90 @@
+"""Small shared layers whose parameters carry logical axis names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from flax import linen as nn
+
+Dtype = jnp.dtype
+
+default_kernel_init = nn.initializers.truncated_normal(0.02)
+
+
+def dense(
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    name: str | None = None,
+    kernel_init=default_kernel_init,
+) -> nn.Dense:
+    """``nn.Dense`` with kernel [in, out] named ``axes`` and bias named ``axes[1]``."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (axes[1],)),
+        name=name,
+    )
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (as the reference's fp16-safe LayerNorm), cast back to dtype.
+
+    x: [..., C] -> [..., C].
+    """
+
+    eps: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        mean = xf.mean(-1, keepdims=True)
+        var = jnp.square(xf - mean).mean(-1, keepdims=True)
+        y = (xf - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
+        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU (exact erf) -> fc2. x: [..., C] -> [..., out or C]."""
+
+    hidden: int
+    out: int | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        out = self.out or x.shape[-1]
+        h = dense(self.hidden, ("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
+        h = nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp")) if h.ndim == 3 else h
+        return dense(out, ("mlp", "embed"), dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(h)
+
+
+def split_heads(x, num_heads: int):
+    """[B, T, H*D] -> [B, T, H, D]."""
+    b, t, c = x.shape
+    return x.reshape(b, t, num_heads, c // num_heads)
+
+
+def merge_heads(x):
+    """[B, T, H, D] -> [B, T, H*D]."""
+    b, t, h, d = x.shape
+    return x.reshape(b, t, h * d)
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"

@@ -1,0 +1,159 @@
+"""Reading released PyTorch weights without running code, and mapping them onto Flax params.
+
+Torch pickles are read with ``torch.load(..., weights_only=True)`` (torch is imported lazily: the
+JAX path never needs it), safetensors with ``safetensors.numpy``. Tensors come back as numpy
+arrays; bf16 becomes ``ml_dtypes.bfloat16``.
+
+``assign_params`` takes a flat {torch key: array} dict, a rule mapping each torch key to a Flax
+path and a transform, and the Flax parameter shapes; it reports every missing, unexpected or
+mis-shaped key together in one ``WeightMismatchError``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+
+class WeightFileError(ValueError):
+    """A weight file is missing, truncated, corrupt or not a state dict."""
+
+
+class WeightMismatchError(ValueError):
+    """Keys or shapes of a checkpoint do not match the model."""
+
+
+def _to_numpy(t) -> np.ndarray:
+    import torch
+
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a torch pickle state dict with ``weights_only=True`` into numpy arrays."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightFileError(f"weight file not found: {path}")
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
+        raise WeightFileError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise WeightFileError(f"weight file {path} holds a {type(sd).__name__}, not a state dict")
+    out = {}
+    for k, v in sd.items():
+        if not hasattr(v, "detach"):
+            raise WeightFileError(f"weight file {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        out[str(k)] = _to_numpy(v)
+    return out
+
+
+def load_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise WeightFileError(f"weight file not found: {path}")
+    from safetensors.numpy import load_file
+
+    try:
+        return dict(load_file(path))
+    except Exception as e:
+        raise WeightFileError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
+
+
+def load_weight_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads ``.safetensors`` or a torch pickle (``.bin``/``.pt``/``.pth``), never running code."""
+    if os.fspath(path).endswith(".safetensors"):
+        return load_safetensors_file(path)
+    return load_torch_file(path)
+
+
+def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
+    """Keeps the keys under ``prefix`` (e.g. ``"encoder."``), with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# A rule maps a torch key to (flax path tuple, transform) or None to ignore the key.
+Rule = Callable[[str], "tuple[tuple[str, ...], Callable[[np.ndarray], np.ndarray]] | None"]
+
+
+def linear_t(w: np.ndarray) -> np.ndarray:
+    """torch Linear weight [out, in] -> Flax Dense kernel [in, out]."""
+    return np.ascontiguousarray(w.T)
+
+
+def conv_t(w: np.ndarray) -> np.ndarray:
+    """torch Conv weight [O, I, *k] -> Flax Conv kernel [*k, I, O]."""
+    nd = w.ndim - 2
+    return np.ascontiguousarray(np.transpose(w, tuple(range(2, 2 + nd)) + (1, 0)))
+
+
+def identity(w: np.ndarray) -> np.ndarray:
+    return w
+
+
+def param_shapes(params) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flat {path: shape} of a (possibly boxed / ShapeDtypeStruct) param tree."""
+    from flax.core import meta
+
+    params = meta.unbox(params)
+    flat = traverse_util.flatten_dict(params)
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def assign_params(
+    state_dict: Mapping[str, np.ndarray],
+    rule: Rule,
+    shapes: Mapping[tuple[str, ...], tuple[int, ...]],
+    *,
+    source: str,
+    dtype=np.float32,
+    ignore_missing: Iterable[tuple[str, ...]] = (),
+) -> dict:
+    """Builds a nested Flax param dict; raises one WeightMismatchError listing all problems."""
+    flat: dict[tuple[str, ...], np.ndarray] = {}
+    unexpected, mismatched = [], []
+    for key, value in state_dict.items():
+        r = rule(key)
+        if r is None:
+            continue
+        path, transform = r
+        if path not in shapes:
+            unexpected.append(key)
+            continue
+        arr = transform(np.asarray(value))
+        if tuple(arr.shape) != tuple(shapes[path]):
+            mismatched.append(
+                f"{key}: shape {list(value.shape)} -> {'/'.join(path)} {list(arr.shape)}, expected {list(shapes[path])}"
+            )
+            continue
+        flat[path] = arr.astype(dtype) if dtype is not None else arr
+    ignore = set(ignore_missing)
+    missing = ["/".join(p) for p in shapes if p not in flat and p not in ignore]
+    if unexpected or mismatched or missing:
+        parts = [f"checkpoint {source} does not match the model:"]
+        if missing:
+            parts.append(f"  missing ({len(missing)}): " + ", ".join(sorted(missing)))
+        if unexpected:
+            parts.append(f"  unexpected ({len(unexpected)}): " + ", ".join(sorted(unexpected)))
+        if mismatched:
+            parts.append(f"  mis-shaped ({len(mismatched)}): " + "; ".join(mismatched))
+        raise WeightMismatchError("\n".join(parts))
+    return traverse_util.unflatten_dict(flat)
+
+
+def to_device_tree(params, dtype=None):
+    """numpy tree -> jax arrays (optionally cast)."""
+    return jax.tree.map(lambda x: jax.numpy.asarray(x, dtype=dtype), params)
