@@ -47,8 +47,10 @@ class LayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (c,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), (c,), self.param_dtype)
+        ones = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
+        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
+        scale = self.param("scale", ones, (c,), self.param_dtype)
+        bias = self.param("bias", zeros, (c,), self.param_dtype)
         xf = x.astype(jnp.float32)
         mean = xf.mean(-1, keepdims=True)
         var = jnp.square(xf - mean).mean(-1, keepdims=True)

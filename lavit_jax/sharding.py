@@ -65,7 +65,8 @@ def make_mesh(shape: Sequence[int] | None = None, axes: Sequence[str] = MESH_AXE
         shape[shape.index(-1)] = n // rest
     if int(np.prod(shape)) != n:
         raise ValueError(f"mesh shape {tuple(shape)} does not cover the {n} devices")
-    return jax.make_mesh(tuple(shape), tuple(axes))
+    # Auto axes: GSPMD propagates shardings from the jit in/out shardings and logical constraints.
+    return jax.make_mesh(tuple(shape), tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
 def logical_sharding(tree, mesh: Mesh, rules) -> object:

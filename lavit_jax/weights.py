@@ -124,7 +124,7 @@ def assign_params(
 ) -> dict:
     """Builds a nested Flax param dict; raises one WeightMismatchError listing all problems."""
     flat: dict[tuple[str, ...], np.ndarray] = {}
-    unexpected, mismatched = [], []
+    unexpected, mismatched, mismatched_paths = [], [], set()
     for key, value in state_dict.items():
         r = rule(key)
         if r is None:
@@ -135,12 +135,13 @@ def assign_params(
             continue
         arr = transform(np.asarray(value))
         if tuple(arr.shape) != tuple(shapes[path]):
+            mismatched_paths.add(path)
             mismatched.append(
                 f"{key}: shape {list(value.shape)} -> {'/'.join(path)} {list(arr.shape)}, expected {list(shapes[path])}"
             )
             continue
         flat[path] = arr.astype(dtype) if dtype is not None else arr
-    ignore = set(ignore_missing)
+    ignore = set(ignore_missing) | mismatched_paths
     missing = ["/".join(p) for p in shapes if p not in flat and p not in ignore]
     if unexpected or mismatched or missing:
         parts = [f"checkpoint {source} does not match the model:"]

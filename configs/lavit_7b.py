@@ -1,0 +1,77 @@
+"""LaVIT-7B: the released model's numbers (DESIGN.md).
+
+Run:  python -m lavit_jax caption IMAGE --checkpoint CONVERTED_DIR --config configs/lavit_7b.py
+"""
+
+import ml_collections
+
+
+def tokenizer_config() -> ml_collections.ConfigDict:
+    """The dynamic visual tokenizer: EVA-CLIP ViT-g/14 + selector + merger + codebook + decoders."""
+    c = ml_collections.ConfigDict()
+    c.image_size = 224
+    c.patch_size = 14
+    # EVA-CLIP ViT-g/14 encoder (frozen).
+    c.eva_width = 1408
+    c.eva_depth = 40
+    c.eva_heads = 16
+    c.eva_mlp_ratio = 4.3637
+    c.eva_layernorm_eps = 1e-6
+    # Token selector / merger / decoders share the encoder width.
+    c.width = 1408
+    c.heads = 16
+    c.mlp_ratio = 4.3637
+    c.merger_depth = 12
+    c.decoder_depth = 12
+    c.tokenizer_layernorm_eps = 1e-5
+    c.masked_softmax_eps = 1e-6
+    # Codebook.
+    c.n_code = 16384
+    c.code_dim = 32
+    # Output widths hard-coded in the reference.
+    c.llm_embed_dim = 4096
+    c.decoder_out_dim = 1408
+    c.unet_dim_lowres = 768
+    c.unet_dims_highres = (768, 1280)
+    c.pooled_dim = 1280
+    # LLM vocabulary layout.
+    c.image_start_id = 32000
+    c.image_end_id = 32001
+    c.code_offset = 32002
+    # Keep decisions: 'argmax' (deterministic) or 'gumbel' (hard sample, as the reference).
+    c.keep_mode = "argmax"
+    c.target_keep_ratio = 1 / 3
+    # Numerics: compute dtype for activations; params stay in param_dtype.
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.attention_impl = "xla"
+    c.remat = "none"
+    return c
+
+
+def llm_config() -> ml_collections.ConfigDict:
+    """LLaMA-2-7B shape in HF field names, vocab 32000 text + 2 specials + 16384 codes."""
+    c = ml_collections.ConfigDict()
+    c.vocab_size = 48386
+    c.hidden_size = 4096
+    c.intermediate_size = 11008
+    c.num_hidden_layers = 32
+    c.num_attention_heads = 32
+    c.num_key_value_heads = 32
+    c.rms_norm_eps = 1e-5
+    c.rope_theta = 10000.0
+    c.rope_scaling = None
+    c.tie_word_embeddings = False
+    c.max_position_embeddings = 2048
+    return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.name = "lavit_7b"
+    config.tokenizer = tokenizer_config()
+    config.llm = llm_config()
+    config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor)
+    config.logical_axis_rules = None  # None: lavit_jax.sharding.DEFAULT_RULES
+    config.checkpoint = ""
+    return config

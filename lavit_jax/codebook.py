@@ -1,0 +1,69 @@
+"""The l2-normalised visual codebook and its nearest-code quantizer.
+
+z [..., d] -> (quantized [..., d], ids [...]): z is l2-normalised, the nearest of K codebook rows by
+squared distance is picked, and that row is returned. Kept as its own module so that stage-1
+training can add EMA / k-means updates of ``embedding`` without touching the tokenizer.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    """x / max(||x||_2, eps) along the last axis (torch ``F.normalize``), computed in float32."""
+    xf = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+    return (xf / jnp.maximum(norm, eps)).astype(x.dtype)
+
+
+def squared_distances(z, codebook):
+    """||z||^2 + ||e||^2 - 2 z.e, as the reference computes it. z [M,d], codebook [K,d] -> [M,K]."""
+    z = z.astype(jnp.float32)
+    e = codebook.astype(jnp.float32)
+    return (
+        jnp.sum(z * z, axis=1, keepdims=True)
+        + jnp.sum(e * e, axis=1)[None, :]
+        - 2.0 * jnp.einsum("md,kd->mk", z, e, precision=jax.lax.Precision.HIGHEST)
+    )
+
+
+def nearest_code(z, codebook):
+    """z [..., d] (already normalised) -> ids [...] int32 of the nearest codebook rows."""
+    flat = z.reshape(-1, z.shape[-1])
+    ids = jnp.argmin(squared_distances(flat, codebook), axis=1).astype(jnp.int32)
+    return ids.reshape(z.shape[:-1])
+
+
+def lookup(codebook, ids):
+    """Raw codebook rows for ids. codebook [K,d], ids [...] -> [..., d]."""
+    return jnp.take(codebook, ids, axis=0)
+
+
+class Codebook(nn.Module):
+    """Nearest-code vector quantizer over a [n_code, code_dim] codebook (``quantize.embedding.weight``)."""
+
+    n_code: int
+    code_dim: int
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        def init(key, shape, dtype):
+            return l2_normalize(jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(init, ("codes", "code_dim")), (self.n_code, self.code_dim),
+            self.param_dtype,
+        )
+
+    def __call__(self, z):
+        """z [..., d] -> (quantized [..., d] float32, ids [...] int32). z is l2-normalised first."""
+        zn = l2_normalize(z.astype(jnp.float32))
+        ids = nearest_code(zn, self.embedding)
+        return lookup(self.embedding, ids).astype(jnp.float32), ids
+
+    def lookup(self, ids):
+        """ids [...] -> codebook rows [..., d]."""
+        return lookup(self.embedding, ids)
