@@ -513,3 +513,22 @@ def config_from_fixture(path):
     except KeyError as e:
         raise KeyError(f"{path}: missing field {e}") from e
     return c
+
+
+def load_converted(ckpt_dir, mesh=None) -> VisualTokenizer:
+    """A VisualTokenizer from a directory written by ``tools/convert_torch_weights.py``."""
+    import os
+
+    from lavit_jax import checkpoint
+
+    manifest = checkpoint.read_manifest(ckpt_dir)
+    part = manifest["parts"].get("visual_tokenizer")
+    if part is None:
+        raise FileNotFoundError(f"{ckpt_dir}: the converted checkpoint has no visual_tokenizer part")
+    config = ml_collections.ConfigDict(part["config"])
+    config.unet_dims_highres = tuple(config.unet_dims_highres)
+    root = os.path.join(ckpt_dir, "visual_tokenizer")
+    params = checkpoint.load_tree(os.path.join(root, "tokenizer"))
+    dec = {name: checkpoint.load_tree(os.path.join(root, f"{name}_decoder"))
+           for name in ("lowres", "highres") if f"{name}_decoder" in part["files"]}
+    return VisualTokenizer(config, params, dec, mesh)
