@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/python -m lavit_jax.demo
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check lavit_jax configs tests tools bench train.py eval.py
+	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest -n 2 --dist loadfile tests

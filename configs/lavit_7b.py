@@ -66,6 +66,31 @@ def llm_config() -> ml_collections.ConfigDict:
     return c
 
 
+def train_config() -> ml_collections.ConfigDict:
+    """Stage-1 tokenizer training (train.py): data, optimiser, losses, checkpoints."""
+    c = ml_collections.ConfigDict()
+    c.stage = "tokenizer"
+    c.data_dir = ""  # a folder of images (searched recursively) or "synthetic:N"
+    c.batch_size = 256
+    c.steps = 100_000
+    c.lr = 1e-4
+    c.warmup_steps = 2000
+    c.weight_decay = 0.05
+    c.b1, c.b2 = 0.9, 0.99
+    c.grad_clip = 1.0
+    c.target_keep_ratio = 1 / 3
+    c.keep_ratio_weight = 1.0
+    c.commitment_weight = 0.0
+    c.ema_decay = 0.99
+    c.init_from = ""  # released or converted checkpoint: the frozen EVA encoder (and a warm start)
+    c.workdir = "out/tokenizer_stage1"
+    c.save_every = 1000
+    c.keep_checkpoints = 3
+    c.log_every = 50
+    c.seed = 0
+    return c
+
+
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "lavit_7b"
@@ -74,4 +99,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor)
     config.logical_axis_rules = None  # None: lavit_jax.sharding.DEFAULT_RULES
     config.checkpoint = ""
+    config.train = train_config()
     return config

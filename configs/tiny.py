@@ -29,4 +29,13 @@ def get_config():
     l.num_key_value_heads = 2
     l.max_position_embeddings = 512
     config.checkpoint = "../shared/fixtures/image_tokenizer_tiny/checkpoint"
+    tr = config.train
+    tr.data_dir = "synthetic:64"
+    tr.batch_size = 8
+    tr.steps = 20
+    tr.lr = 1e-3
+    tr.warmup_steps = 2
+    tr.save_every = 10
+    tr.log_every = 5
+    tr.workdir = "out/tiny_stage1"
     return config

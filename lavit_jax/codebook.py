@@ -67,3 +67,22 @@ class Codebook(nn.Module):
     def lookup(self, ids):
         """ids [...] -> codebook rows [..., d]."""
         return lookup(self.embedding, ids)
+
+
+def ema_update(ema, z, ids, mask, decay: float = 0.99, eps: float = 1e-5):
+    """One EMA codebook update (as in VQ-VAE-2 / BEiT-v2, l2-normalised codes).
+
+    ema: dict(cluster_size [K], embed_sum [K,d]); z [M,d] normalised encoder outputs, ids [M],
+    mask [M] (1 = a real token). Returns (new ema, new codebook [K,d] l2-normalised). Codes that
+    were never used keep their Laplace-smoothed average.
+    """
+    k = ema["cluster_size"].shape[0]
+    onehot = jax.nn.one_hot(ids, k, dtype=jnp.float32) * mask.astype(jnp.float32)[:, None]
+    counts = onehot.sum(0)
+    sums = jnp.einsum("mk,md->kd", onehot, z.astype(jnp.float32))
+    cluster_size = decay * ema["cluster_size"] + (1 - decay) * counts
+    embed_sum = decay * ema["embed_sum"] + (1 - decay) * sums
+    n = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (n + k * eps) * n
+    codebook = l2_normalize(embed_sum / smoothed[:, None])
+    return {"cluster_size": cluster_size, "embed_sum": embed_sum}, codebook

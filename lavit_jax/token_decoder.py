@@ -114,7 +114,9 @@ class TokenDecoder(nn.Module):
     highres: bool = False
 
     @nn.compact
-    def __call__(self, codes, lengths):
+    def __call__(self, codes, lengths, features_only: bool = False):
+        """``features_only``: return the decode_task_layer output [B, Q, decoder_out_dim] (the
+        stage-1 reconstruction of the encoder features) instead of the UNet condition."""
         cfg = self.config
         dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -137,6 +139,8 @@ class TokenDecoder(nn.Module):
         h = LayerNorm(cfg.tokenizer_layernorm_eps, name="norm", **kw)(h)
         h = dense(c, ("embed", "mlp"), name="decode_task_layer_0", **kw)(h)
         h = dense(cfg.decoder_out_dim, ("mlp", "embed"), name="decode_task_layer_2", **kw)(jnp.tanh(h))
+        if features_only:
+            return h
         if not self.highres:
             return dense(cfg.unet_dim_lowres, ("embed", "out"), name="unet_proj", **kw)(h)
         d1, d2 = cfg.unet_dims_highres

@@ -108,7 +108,9 @@ def param_shapes(params) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {path: shape} of a (possibly boxed / ShapeDtypeStruct) param tree."""
     from flax.core import meta
 
-    params = meta.unbox(params)
+    # Take the boxed values directly: meta.unbox would apply sharding constraints under a mesh.
+    params = jax.tree.map(lambda x: x.value if isinstance(x, meta.AxisMetadata) else x, params,
+                          is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
     flat = traverse_util.flatten_dict(params)
     return {k: tuple(v.shape) for k, v in flat.items()}
 

@@ -1,0 +1,289 @@
+"""LaVIT's LLM tasks: captioning, VQA, text -> image ids, multimodal prompt -> image ids.
+
+Sequences follow the reference (``LaVIT/models/lavit_for_understanding.py`` / ``lavit_for_generation.py``)
+and are built under ``jit`` with static shapes: every part is a padded array plus lengths, the real
+parts are concatenated in order and the whole sequence is left-padded (mask 0 at the padding).
+
+Token ids: [IMG] = 32000, [/IMG] = 32001, visual code k -> 32002 + k; text pad = eos = 2.
+
+Inputs from the visual tokenizer:
+- understanding: ``feats [B, N, C]`` (kept tokens compacted to the front, already projected to the LLM
+  width) + ``lengths [B]``;
+- generation: ``ids [B, N]`` int32 already offset by +32002 (compacted to the front) + ``lengths [B]``.
+
+Sequences:
+- caption: [IMG] feats [/IMG]; beam 2, 8-36 new tokens, ids >= 32000 suppressed, eos 2; text cut at '.'.
+- vqa: [IMG] feats [/IMG] "Question: {q} Answer:"; beam 5, 2-10 new tokens, length_penalty 0,
+  early stopping; the reference's answer post-processing (+ spaCy lemmatisation when available).
+- text -> image ids: text (no BOS) [IMG]; sampling top-k/top-p, ids 3..31999 suppressed, eos 32001,
+  guidance against [IMG] alone (or a negative prompt).
+- multimodal -> image ids: image ids (no [IMG]/[/IMG], as the reference's ``tokenize_image(add_special=False)``)
+  then text then [IMG]; same sampling.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lavit_jax.generation import GenerationConfig, GenerationOutput, generate
+
+IMG_START = 32000
+IMG_END = 32001
+VISUAL_OFFSET = 32002
+TEXT_VOCAB = 32000
+
+
+# ------------------------------------------------------------------------------------ sequence assembly
+
+
+def assemble(segments, pad_value=0):
+    """Concatenates the real parts of padded segments, left-padding the result (static shapes).
+
+    segments: list of (values [B, L_i, ...], lengths [B], align) with align "front" (real items first,
+    e.g. visual tokens) or "back" (left-padded, e.g. tokenized text). Returns (values [B, sum L_i, ...],
+    mask [B, sum L_i] int32) with the real items right-aligned in segment order.
+    """
+    source = jnp.concatenate([s[0] for s in segments], axis=1)
+    b = source.shape[0]
+    total = source.shape[1]
+    lens = [jnp.asarray(s[1], jnp.int32).reshape(b) for s in segments]
+    real = sum(lens)
+    slot = jnp.arange(total)[None, :]
+    k = slot - (total - real)[:, None]  # index into the concatenated real sequence
+    idx = jnp.zeros((b, total), jnp.int32)
+    base, off = 0, jnp.zeros((b,), jnp.int32)
+    for (vals, _, align), n in zip(segments, lens):
+        width = vals.shape[1]
+        if align not in ("front", "back"):
+            raise ValueError(f"segment align {align!r}: use 'front' or 'back'")
+        start = jnp.broadcast_to(base + (0 if align == "front" else width - n), (b,))
+        inside = (k >= off[:, None]) & (k < (off + n)[:, None])
+        idx = jnp.where(inside, start[:, None] + k - off[:, None], idx)
+        base += width
+        off = off + n
+    mask = (k >= 0).astype(jnp.int32)
+    gather_idx = idx.reshape(idx.shape + (1,) * (source.ndim - 2))
+    out = jnp.take_along_axis(source, gather_idx, axis=1)
+    keep = mask.reshape(mask.shape + (1,) * (source.ndim - 2)).astype(bool)
+    return jnp.where(keep, out, jnp.asarray(pad_value, source.dtype)), mask
+
+
+def _const(value, b, dtype=jnp.int32):
+    return jnp.full((b, 1), value, dtype), jnp.ones((b,), jnp.int32), "front"
+
+
+_JIT: dict = {}
+
+
+def _jit(model, name, fn):
+    key = (id(model), name)
+    hit = _JIT.get(key)
+    if hit is None or hit[0] is not model:
+        hit = (model, jax.jit(fn))
+        _JIT[key] = hit
+    return hit[1]
+
+
+def understanding_inputs(model, params, feats, lengths, text_ids=None, text_mask=None):
+    """[IMG] feats[:len] [/IMG] (text) -> (embeds [B, N+2(+L), C], mask), left-padded. Jitted."""
+
+    def build(params, feats, lengths, text_ids, text_mask):
+        b = feats.shape[0]
+        emb = lambda ids: model.apply({"params": params}, ids, method=model.embed)  # noqa: E731
+        start = emb(jnp.full((b, 1), IMG_START, jnp.int32))
+        end = emb(jnp.full((b, 1), IMG_END, jnp.int32))
+        dt = start.dtype
+        one = jnp.ones((b,), jnp.int32)
+        segs = [(start, one, "front"), (feats.astype(dt), lengths, "front"), (end, one, "front")]
+        if text_ids is not None:
+            segs.append((emb(text_ids), text_mask.sum(-1), "back"))
+        return assemble(segs)
+
+    fn = _jit(model, "understanding_inputs", build)
+    return fn(params, jnp.asarray(feats), jnp.asarray(lengths, jnp.int32), text_ids, text_mask)
+
+
+@jax.jit
+def image_prompt_ids(text_ids, text_mask, image_ids=None, image_lengths=None):
+    """(image ids) + text + [IMG] -> (ids [B, T], mask [B, T]) left-padded with pad id 2. Jitted."""
+    b = text_ids.shape[0]
+    segs = []
+    if image_ids is not None:
+        segs.append((jnp.asarray(image_ids, jnp.int32), jnp.asarray(image_lengths, jnp.int32), "front"))
+    segs.append((jnp.asarray(text_ids, jnp.int32), jnp.asarray(text_mask).sum(-1), "back"))
+    segs.append(_const(IMG_START, b))
+    return assemble(segs, pad_value=2)
+
+
+def image_codes_from_ids(tokens):
+    """Generated ids [N, M] -> (codes [N, M] = id - 32002 compacted to the front, lengths [N]).
+
+    Keeps every id >= 32002 (the reference's filter); other ids (eos, pad, [IMG]...) are dropped.
+    """
+    tokens = jnp.asarray(tokens)
+    keep = tokens >= VISUAL_OFFSET
+    order = jnp.argsort(~keep, axis=1, stable=True)
+    codes = jnp.take_along_axis(tokens - VISUAL_OFFSET, order, axis=1)
+    lengths = keep.sum(axis=1).astype(jnp.int32)
+    codes = jnp.where(jnp.arange(tokens.shape[1])[None] < lengths[:, None], codes, 0)
+    return codes, lengths
+
+
+# ------------------------------------------------------------------------------------ understanding
+
+
+def caption(
+    model, params, tokenizer, feats, lengths, *, num_beams=2, max_new_tokens=36, min_new_tokens=8,
+    length_penalty=1.0, num_captions=1, prompt=None,
+) -> list[str]:
+    """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``)."""
+    b = feats.shape[0]
+    text_ids = text_mask = None
+    if prompt:
+        prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
+        text_ids, text_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(prompts))
+    embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+        length_penalty=length_penalty, num_return_sequences=num_captions, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    )
+    out = generate(model, params, embeds, mask, cfg)
+    texts = tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))
+    return [t.strip().split(".")[0] for t in texts]
+
+
+class VqaAnswers(NamedTuple):
+    answers: list
+    lemmatized: bool
+    note: str
+
+
+def postprocess_answer(text: str) -> str:
+    """The reference's VQA answer clean-up (first line, before 'question:', 'Long answer:', ',', '.')."""
+    text = text.strip()
+    text = text.split("\n")[0]
+    text = text.split("question:")[0]
+    text = text.split("Long answer:")[0]
+    text = text.split(",")[0]
+    return text.split(".")[0]
+
+
+_LEMMATIZER = {}
+
+
+def _spacy_lemmatizer():
+    if "nlp" not in _LEMMATIZER:
+        try:
+            import spacy
+
+            _LEMMATIZER["nlp"] = spacy.load("en_core_web_sm")
+        except Exception as e:  # spaCy or its English model not installed
+            logging.getLogger(__name__).warning("VQA lemmatisation skipped: %s", e)
+            _LEMMATIZER["nlp"] = None
+    return _LEMMATIZER["nlp"]
+
+
+def lemmatize(answers, nlp):
+    """Reference lemmatisation: lower-case; NOUN/VERB tokens -> lemma."""
+    out = []
+    for a in answers:
+        doc = nlp(a.lower())
+        out.append(" ".join(t.lemma_ if t.pos_ in ("NOUN", "VERB") else t.text for t in doc))
+    return out
+
+
+def vqa(
+    model, params, tokenizer, feats, lengths, questions, *, prompt="Question: {} Answer:", num_beams=5,
+    max_new_tokens=10, min_new_tokens=2, length_penalty=0.0, apply_lemmatizer=True,
+) -> VqaAnswers:
+    """Answers ``questions`` (list of str) about feats [B, N, C] + lengths [B] (reference ``predict_answers``).
+
+    Lemmatisation uses spaCy's ``en_core_web_sm`` only when installed; ``note`` says when it was skipped.
+    """
+    if isinstance(questions, str):
+        questions = [questions]
+    texts = [prompt.format(q) for q in questions] if prompt else list(questions)
+    text_ids, text_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(texts))
+    embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
+    cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+        length_penalty=length_penalty, early_stopping=True, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    )
+    out = generate(model, params, embeds, mask, cfg)
+    answers = [postprocess_answer(t) for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
+    if not apply_lemmatizer:
+        return VqaAnswers(answers, False, "lemmatisation off")
+    nlp = _spacy_lemmatizer()
+    if nlp is None:
+        return VqaAnswers(answers, False, "lemmatisation skipped: spaCy English model en_core_web_sm not installed")
+    return VqaAnswers(lemmatize(answers, nlp), True, "lemmatised with spaCy en_core_web_sm")
+
+
+# ------------------------------------------------------------------------------------ image generation
+
+
+def image_generation_config(
+    *, guidance_scale=4.0, top_k=50, top_p=1.0, temperature=1.0, min_new_tokens=20, max_new_tokens=200,
+    num_return_sequences=1, do_sample=True,
+) -> GenerationConfig:
+    """The reference's image-token sampling settings (ids 3..31999 suppressed, eos [/IMG] = 32001)."""
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
+        top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, eos_token_id=IMG_END, pad_token_id=2,
+        suppress_ranges=((3, TEXT_VOCAB),), guidance_scale=guidance_scale,
+    )
+
+
+def _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask) -> GenerationOutput:
+    embed = lambda x: model.apply({"params": params}, jnp.asarray(x, jnp.int32), method=model.embed)  # noqa: E731
+    uncond = uncond_mask = None
+    if cfg.use_guidance:
+        b = ids.shape[0]
+        if negative_ids is None:  # HF's default unconditional context: the prompt's last token, [IMG]
+            uncond = embed(jnp.full((b, 1), IMG_START, jnp.int32))
+            uncond_mask = jnp.ones((b, 1), jnp.int32)
+        else:
+            negative_ids = jnp.asarray(negative_ids, jnp.int32)
+            if negative_ids.shape[0] == 1 and b > 1:
+                negative_ids = jnp.repeat(negative_ids, b, axis=0)
+                negative_mask = None if negative_mask is None else jnp.repeat(jnp.asarray(negative_mask), b, axis=0)
+            uncond = embed(negative_ids)
+            uncond_mask = jnp.ones(negative_ids.shape, jnp.int32)
+            if negative_mask is not None:
+                uncond_mask = jnp.asarray(negative_mask)
+    return generate(model, params, embed(ids), mask, cfg, rng=rng, uncond_embeds=uncond, uncond_mask=uncond_mask)
+
+
+def text_to_image_ids(
+    model, params, tokenizer, texts, rng, *, config: GenerationConfig | None = None, negative_ids=None,
+    negative_mask=None,
+) -> GenerationOutput:
+    """Samples visual ids for ``texts``: sequence = text (no BOS, left-padded with 2) + [IMG].
+
+    ``negative_ids [B or 1, Ln]`` (+ mask) replace the default unconditional context [IMG].
+    Returns ``GenerationOutput`` of ids (>= 32002 are visual; use ``image_codes_from_ids``).
+    """
+    cfg = config or image_generation_config()
+    text_ids, text_mask = tokenizer.encode_batch(texts)
+    ids, mask = image_prompt_ids(text_ids, text_mask)
+    return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
+
+
+def multimodal_to_image_ids(
+    model, params, tokenizer, image_ids, image_lengths, texts, rng, *, config: GenerationConfig | None = None,
+    negative_ids=None, negative_mask=None,
+) -> GenerationOutput:
+    """Samples visual ids for image ids [B, N] (+32002, lengths [B]) followed by ``texts`` and [IMG]."""
+    cfg = config or image_generation_config(guidance_scale=5.0)
+    if isinstance(texts, str):
+        texts = [texts] * image_ids.shape[0]
+    text_ids, text_mask = tokenizer.encode_batch(texts)
+    ids, mask = image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
+    return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)

@@ -1,0 +1,81 @@
+"""The LLM's text tokenizer (LLaMA sentencepiece ``tokenizer.model`` through ``transformers``).
+
+``load_text_tokenizer(path)`` takes a directory holding ``tokenizer.model`` (e.g. the checkpoint's
+``language_model/``) or the file itself. ``TextTokenizer.encode_batch`` returns left-padded int32 ids
+and a mask as LaVIT feeds them (no BOS/EOS added, padding with the pad id = eos id 2);
+``decode_batch`` turns generated ids back into strings, skipping special and non-text ids.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+
+class TextTokenizer:
+    """Wraps a transformers LLaMA tokenizer. pad id = eos id, as the reference sets it."""
+
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+        self.bos_id = int(hf_tokenizer.bos_token_id)
+        self.eos_id = int(hf_tokenizer.eos_token_id)
+        self.pad_id = self.eos_id
+        self.vocab_size = len(hf_tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of ``text`` without special tokens."""
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def encode_batch(self, texts, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Left-padded ids [B, L] int32 and mask [B, L] int32; L = longest (or ``length``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        seqs = [self.encode(t) for t in texts]
+        longest = max((len(s) for s in seqs), default=0)
+        if length is None:
+            length = max(longest, 1)
+        if longest > length:
+            raise ValueError(f"a text has {longest} tokens, more than length={length}")
+        ids = np.full((len(seqs), length), self.pad_id, np.int32)
+        mask = np.zeros((len(seqs), length), np.int32)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, length - len(s):] = s
+                mask[i, length - len(s):] = 1
+        return ids, mask
+
+    def decode_batch(self, tokens, lengths=None) -> list[str]:
+        """Strings from generated ids [N, M] (first ``lengths[i]`` of row i), skipping special/non-text ids."""
+        tokens = np.asarray(tokens)
+        out = []
+        for i, row in enumerate(tokens):
+            if lengths is not None:
+                row = row[: int(lengths[i])]
+            row = [int(t) for t in row if 0 <= int(t) < self.vocab_size]
+            out.append(self.hf.decode(row, skip_special_tokens=True))
+        return out
+
+
+def load_text_tokenizer(path) -> TextTokenizer:
+    """Loads the LLaMA tokenizer from a directory with ``tokenizer.model`` (or the file itself)."""
+    from transformers import LlamaTokenizer
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        if not path.endswith(".model"):
+            raise ValueError(f"text tokenizer file {path}: expected a sentencepiece .model file")
+        tmp = tempfile.mkdtemp(prefix="lavit_tok_")
+        shutil.copy(path, os.path.join(tmp, "tokenizer.model"))
+        path = tmp
+    if not os.path.isfile(os.path.join(path, "tokenizer.model")) and not os.path.isfile(
+        os.path.join(path, "tokenizer.json")
+    ):
+        raise FileNotFoundError(f"no tokenizer.model in {path}")
+    try:
+        tok = LlamaTokenizer.from_pretrained(path, legacy=True)
+    except Exception as e:
+        raise ValueError(f"cannot load the text tokenizer from {path}: {type(e).__name__}: {e}") from e
+    return TextTokenizer(tok)

@@ -1,0 +1,171 @@
+"""Task functions: sequences built as the reference builds them, outputs equal to transformers generate."""
+
+import importlib.util
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from lavit_jax import llm_tasks
+from lavit_jax.text_tokenizer import load_text_tokenizer
+from tests import llm_fixtures as fx
+
+LINES = [
+    "A photo of an astronaut riding a horse in the forest.", "Question: what is in the image? Answer: a dog",
+    "a sculpture of a duck made of wool", "A small cactus wearing a straw hat and neon sunglasses in the desert.",
+    "Cute adorable little goat, unreal engine, cozy interior lighting", "the quick brown fox jumps over the lazy dog",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LINES * 20), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
+        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2,
+    )
+    return load_text_tokenizer(d), spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    hf = fx.make_hf_model(seed=3)
+    with torch.no_grad():  # favour ids of the small text vocabulary so captions decode to real words
+        hf.get_output_embeddings().weight[3:400] *= 2.0
+    model, params = fx.load_flax(fx.save_hf(hf, tmp_path_factory.mktemp("tasks")))
+    return hf, model, params
+
+
+def test_tokenizer_matches_sentencepiece(tok):
+    ours, sp = tok
+    texts = ["Question: what is a dog? Answer:", "a horse", ""]
+    ids, mask = ours.encode_batch(texts)
+    for i, t in enumerate(texts):
+        ref = sp.encode(t)
+        assert list(ids[i, mask[i] == 1]) == ref
+        assert np.all(ids[i, mask[i] == 0] == 2) and np.all(mask[i, ids.shape[1] - len(ref):] == 1)
+    assert ours.decode_batch([sp.encode("a sculpture of a duck")])[0] == "a sculpture of a duck"
+
+
+def _reference_understanding(hf, feats, lengths, text_ids=None, text_mask=None):
+    """The reference's compute_dynamic_visual_embeds + pad_input_embeds, in torch."""
+    emb = hf.get_input_embeddings()
+    with torch.no_grad():
+        special = emb(torch.tensor([32000, 32001]))
+        eos = emb(torch.tensor([fx.EOS]))
+        parts = [torch.cat([special[:1], torch.tensor(f[:n]), special[1:]]) for f, n in zip(feats, lengths)]
+        width = max(len(p) for p in parts)
+        img = eos.repeat(len(parts), width, 1)
+        img_mask = torch.zeros(len(parts), width, dtype=torch.long)
+        for i, p in enumerate(parts):
+            img[i, -len(p):] = p
+            img_mask[i, -len(p):] = 1
+        if text_ids is None:
+            return img, img_mask
+        temb = emb(torch.tensor(text_ids))
+        out, out_mask = [], []
+        for i in range(len(parts)):
+            tm = torch.tensor(text_mask[i])
+            n = int(tm.sum())
+            pad = len(tm) - n
+            out.append(torch.cat([temb[i, :pad], img[i], temb[i, pad:]]))
+            out_mask.append(torch.cat([tm[:pad], img_mask[i], tm[pad:]]))
+        return torch.stack(out), torch.stack(out_mask)
+
+
+def test_assemble_orders_real_parts_and_left_pads():
+    a = jnp.array([[5, 6, 7], [8, 0, 0]])
+    b = jnp.array([[0, 1, 2], [3, 4, 9]])
+    vals, mask = llm_tasks.assemble([(a, jnp.array([3, 1]), "front"), (b, jnp.array([2, 1]), "back")], pad_value=-1)
+    np.testing.assert_array_equal(np.asarray(vals), [[-1, 5, 6, 7, 1, 2], [-1, -1, -1, -1, 8, 9]])
+    np.testing.assert_array_equal(np.asarray(mask), [[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1]])
+
+
+def _feats(seed=0):
+    rs = np.random.RandomState(seed)
+    return rs.normal(size=(2, 5, 32)).astype(np.float32), np.array([5, 2], np.int32)
+
+
+@pytest.mark.parity
+def test_caption_matches_reference_pipeline(tiny, tok):
+    hf, model, params = tiny
+    tokenizer = tok[0]
+    feats, lengths = _feats(0)
+    ours = llm_tasks.caption(model, params, tokenizer, jnp.asarray(feats), jnp.asarray(lengths), max_new_tokens=12)
+    embeds, mask = _reference_understanding(hf, feats, lengths)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=2, max_new_tokens=12,
+                          min_new_tokens=8, suppress_tokens=list(range(32000, fx.VOCAB)), bos_token_id=1,
+                          eos_token_id=fx.EOS, pad_token_id=fx.EOS, length_penalty=1.0)
+    ref = [t.strip().split(".")[0] for t in tokenizer.hf.batch_decode(out, skip_special_tokens=True)]
+    assert any(ref), "captions should contain text"
+    assert ours == ref
+
+
+@pytest.mark.parity
+def test_vqa_matches_reference_pipeline(tiny, tok):
+    hf, model, params = tiny
+    tokenizer = tok[0]
+    feats, lengths = _feats(1)
+    questions = ["what is in the image?", "is it a dog"]
+    res = llm_tasks.vqa(model, params, tokenizer, jnp.asarray(feats), jnp.asarray(lengths), questions)
+    text_ids, text_mask = tokenizer.encode_batch([f"Question: {q} Answer:" for q in questions])
+    embeds, mask = _reference_understanding(hf, feats, lengths, text_ids, text_mask)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=5, max_new_tokens=10,
+                          min_new_tokens=2, suppress_tokens=list(range(32000, fx.VOCAB)), eos_token_id=fx.EOS,
+                          pad_token_id=fx.EOS, length_penalty=0.0, early_stopping=True)
+    ref = [llm_tasks.postprocess_answer(t) for t in tokenizer.hf.batch_decode(out, skip_special_tokens=True)]
+    has_spacy_model = importlib.util.find_spec("en_core_web_sm") is not None
+    if not has_spacy_model:
+        assert not res.lemmatized and "not installed" in res.note
+        assert res.answers == ref
+    assert llm_tasks.postprocess_answer(" a dog, sitting. Long answer: x") == "a dog"
+
+
+@pytest.mark.parity
+def test_text_to_image_ids_matches_hf_cfg(tiny, tok):
+    hf, model, params = tiny
+    tokenizer, sp = tok
+    texts = ["a horse in the forest", "a duck"]
+    cfg = llm_tasks.image_generation_config(guidance_scale=3.0, do_sample=False, min_new_tokens=4, max_new_tokens=10)
+    ours = llm_tasks.text_to_image_ids(model, params, tokenizer, texts, jax.random.PRNGKey(0), config=cfg)
+    # reference sequence: text without BOS, left-padded with 2, then [IMG]
+    enc = [sp.encode(t) for t in texts]
+    width = max(map(len, enc))
+    ids = np.array([[2] * (width - len(e)) + e + [32000] for e in enc])
+    mask = np.array([[0] * (width - len(e)) + [1] * (len(e) + 1) for e in enc])
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                          max_new_tokens=10, min_new_tokens=4, suppress_tokens=list(range(3, 32000)),
+                          eos_token_id=32001, pad_token_id=2, guidance_scale=3.0)[:, ids.shape[1]:].numpy()
+    np.testing.assert_array_equal(np.asarray(ours.tokens)[:, : ref.shape[1]], ref)
+    codes, n = llm_tasks.image_codes_from_ids(ours.tokens)
+    for row, c, k in zip(ref, np.asarray(codes), np.asarray(n)):
+        expected = [t - 32002 for t in row if t >= 32002]
+        assert list(c[:k]) == expected and np.all(c[k:] == 0)
+
+
+def test_multimodal_sequence_and_sampling(tiny, tok):
+    hf, model, params = tiny
+    tokenizer, sp = tok
+    image_ids = np.array([[32005, 32010, 32003, 0], [32060, 0, 0, 0]], np.int32)
+    image_lengths = np.array([3, 1], np.int32)
+    texts = ["a duck", "in the desert"]
+    text_ids, text_mask = tokenizer.encode_batch(texts)
+    ids, mask = llm_tasks.image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
+    for i, t in enumerate(texts):
+        expected = list(image_ids[i, : image_lengths[i]]) + sp.encode(t) + [32000]
+        got = np.asarray(ids[i])[np.asarray(mask[i]) == 1]
+        assert list(got) == expected and np.all(np.asarray(mask[i])[-len(expected):] == 1)
+    out = llm_tasks.multimodal_to_image_ids(
+        model, params, tokenizer, image_ids, image_lengths, texts, jax.random.PRNGKey(1),
+        config=llm_tasks.image_generation_config(min_new_tokens=5, max_new_tokens=8, num_return_sequences=2),
+    )
+    toks = np.asarray(out.tokens)
+    assert toks.shape == (4, 8)
+    assert np.all((toks < 3) | (toks >= 32000))  # text ids 3..31999 suppressed
+    assert not np.any(toks[:, :5] == 32001)  # min_new_tokens
