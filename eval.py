@@ -19,11 +19,14 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-_CKPT = flags.DEFINE_string("checkpoint", None, "Released, converted or train.py checkpoint directory.")
-_DATA = flags.DEFINE_string("data_dir", None, "Image folder (or synthetic:N).")
-_LIMIT = flags.DEFINE_integer("limit", 256, "At most this many images.")
-_BATCH = flags.DEFINE_integer("batch_size", 8, "Batch size.")
+
+def define_flags():
+    """Command-line flags (defined only when run as a script, so eval.py can be imported)."""
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    flags.DEFINE_string("checkpoint", None, "Released, converted or train.py checkpoint directory.")
+    flags.DEFINE_string("data_dir", None, "Image folder (or synthetic:N).")
+    flags.DEFINE_integer("limit", 256, "At most this many images.")
+    flags.DEFINE_integer("batch_size", 8, "Batch size.")
 
 
 def load_params(config, ckpt):
@@ -84,10 +87,12 @@ def evaluate(config, ckpt, data_dir, limit=256, batch_size=8):
 
 def main(argv):
     del argv
-    if not _CKPT.value or not _DATA.value:
+    f = flags.FLAGS
+    if not f.checkpoint or not f.data_dir:
         raise app.UsageError("--checkpoint and --data_dir are required")
-    print(json.dumps(evaluate(_CONFIG.value, _CKPT.value, _DATA.value, _LIMIT.value, _BATCH.value), indent=1))
+    print(json.dumps(evaluate(f.config, f.checkpoint, f.data_dir, f.limit, f.batch_size), indent=1))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

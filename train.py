@@ -26,8 +26,11 @@ from ml_collections import config_flags
 from lavit_jax import sharding
 from lavit_jax import tokenizer_training as st
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this run (for smoke runs).")
+
+def define_flags():
+    """Command-line flags (defined only when run as a script, so train.py can be imported)."""
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this run (for smoke runs).")
 
 
 def load_init(config, params):
@@ -114,8 +117,9 @@ def main(argv):
     del argv
     if os.environ.get("LAVIT_DISTRIBUTED") == "1":
         jax.distributed.initialize()
-    train(_CONFIG.value, flags.FLAGS.max_steps)
+    train(flags.FLAGS.config, flags.FLAGS.max_steps)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

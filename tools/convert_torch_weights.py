@@ -6,6 +6,13 @@
 Parts converted when present in --src (see DESIGN.md for the released layout):
   visual_tokenizer/        eva_vitg_psz14.bin, tokenizer_encoder.bin, tokenizer_decoder.bin,
                            highres_tokenizer_decoder.bin
+  language_model/          config.json, pytorch_model-*.bin + index (or safetensors), tokenizer.model,
+                           visual_weight.bin (stage-2 merger + projector, for understanding)
+  pixel_decoding/          SD-1.5 unet/, vae/, scheduler/, uncond_embeddings.bin
+  highres_pixel_decoding/  SDXL unet/, vae/, scheduler/
+Parts absent from --src are listed and skipped; a part that is present must be complete.
+Tensors are streamed (memory-mapped shards, one tensor cast at a time): the resident set stays near
+the largest part's params in the target dtype (see lavit_jax/converters.py).
 Weights are read with torch.load(weights_only=True) or safetensors: nothing in the files runs.
 The source is only read. Output is written into a temporary sibling directory and renamed into
 place when every part succeeded, so a failed run leaves no output that looks complete.
@@ -67,8 +74,29 @@ def convert_visual_tokenizer(src: str, out: str, config, dtype: str, log) -> dic
     return {"files": done, "config": tcfg.to_dict()}
 
 
+def convert_language_model(src, out, config, dtype, log):
+    from lavit_jax import converters
+
+    return converters.convert_language_model(src, out, config, dtype, log)
+
+
+def convert_pixel_decoding(src, out, config, dtype, log):
+    from lavit_jax import converters
+
+    return converters.convert_pixel_decoding(src, out, config, dtype, log)
+
+
+def convert_highres_pixel_decoding(src, out, config, dtype, log):
+    from lavit_jax import converters
+
+    return converters.convert_highres_pixel_decoding(src, out, config, dtype, log)
+
+
 PARTS = {
     "visual_tokenizer": convert_visual_tokenizer,
+    "language_model": convert_language_model,
+    "pixel_decoding": convert_pixel_decoding,
+    "highres_pixel_decoding": convert_highres_pixel_decoding,
 }
 
 
@@ -114,7 +142,7 @@ def main(argv=None):
             ok = verify_conversion.verify(args.src, args.out, manifest)
             if not ok:
                 return 1
-    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {os.path.abspath(args.out)}: {', '.join(manifest['parts'])}")

@@ -1,0 +1,338 @@
+"""Released-layout directory -> converter (with --verify) -> every CLI command, against a PyTorch-composed reference.
+
+One tiny released checkpoint is built per module (tests/released_fixture.py) and converted once. The
+references: HF ``generate`` on the sequence built as the reference builds it (features / ids from the
+released tokenizer files loaded directly), and LaVIT's decoding loop with the diffusers UNet, VAE and
+DDIM scheduler fed the same initial noise. Also the error paths of the CLI and the converter.
+"""
+
+import contextlib
+import hashlib
+import io
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from PIL import Image
+
+from lavit_jax import __main__ as cli
+from lavit_jax import checkpoint, llm_tasks
+from lavit_jax import tokenizer as T
+from lavit_jax.detokenizer import load_codebook
+from lavit_jax.lavit import CheckpointPartError, LaVIT
+from lavit_jax.text_tokenizer import load_text_tokenizer
+from lavit_jax.token_decoder import TokenDecoder
+from tests.conftest import REPO
+from tests.released_fixture import LLM_VOCAB, build_released
+from tests.test_diffusion import GUIDANCE, STEPS, torch_reference
+from tests.test_llm_tasks import _reference_understanding
+from tools import convert_torch_weights as conv
+from tools import verify_conversion
+
+TINY = str(REPO / "configs" / "tiny.py")
+SIZE, SEED = 16, 0
+GEN = ["--steps", str(STEPS), "--guidance", str(GUIDANCE), "--size", str(SIZE), "--seed", str(SEED)]
+
+
+def _digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    rel = build_released(base / "released")
+    before = _digest(rel.root)
+    out = base / "converted"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = conv.main(["--src", str(rel.root), "--out", str(out), "--config", TINY, "--dtype", "f32", "--verify"])
+    log = buf.getvalue()
+    assert rc == 0, log
+    assert _digest(rel.root) == before, "the source must not be modified"
+    y, x = np.mgrid[0:64, 0:64] / 64
+    img = np.stack([np.sin(6 * x) * 0.5 + 0.5, np.cos(5 * y) * 0.5 + 0.5, (x * y) ** 0.5], -1)
+    img[16:32, 16:32] = (1.0, 0.2, 0.1)
+    Image.fromarray((img * 255).astype(np.uint8)).save(base / "img.png")
+    tok_cfg = T.load_converted(str(out)).config
+    return dict(rel=rel, out=out, log=log, img=base / "img.png", base=base, tok_cfg=tok_cfg,
+                text=load_text_tokenizer(rel.root / "language_model"))
+
+
+def run_cli(capsys, *argv):
+    rc = cli.main(list(argv))
+    cap = capsys.readouterr()
+    return rc, cap.out.strip(), cap.err
+
+
+# ------------------------------------------------------------------------------------------ references
+
+
+def reference_image(env, ids, decoder, seed=SEED):
+    """LaVIT's decoding loop in PyTorch (diffusers UNet/VAE/DDIM) on ids [1, N] (LLM space)."""
+    rel, root, cfg = env["rel"], env["rel"].root, env["tok_cfg"]
+    highres = decoder == "highres"
+    codebook = load_codebook(root / "visual_tokenizer" / "tokenizer_encoder.bin")
+    ids = np.asarray(ids)
+    codes = codebook[ids - 32002][None]
+    name = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
+    params = T.load_token_decoder(root / "visual_tokenizer" / name, cfg, highres)
+    cond = TokenDecoder(cfg, highres).apply({"params": params}, jnp.asarray(codes), jnp.asarray([len(ids)]))
+    cond = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), cond)
+    folder = "highres_pixel_decoding" if highres else "pixel_decoding"
+    sched = DDIMScheduler.from_pretrained(root / folder, subfolder="scheduler")
+    # the same initial noise as the pipeline draws for ``seed``
+    noise = jax.random.normal(jax.random.split(jax.random.key(seed))[0], (1, SIZE // 2, SIZE // 2, 4), jnp.float32)
+    noise = torch.tensor(np.asarray(noise).transpose(0, 3, 1, 2))
+    if highres:
+        images, _ = torch_reference(rel.unet_highres, rel.vae_highres, sched, cond[0], noise, pooled=cond[1], size=SIZE)
+    else:
+        images, _ = torch_reference(rel.unet_lowres, rel.vae_lowres, sched, cond, noise, uncond=rel.uncond[0])
+    return (images[0] * 255).round()
+
+
+def assert_image_close(path, ref):
+    got = np.asarray(Image.open(path).convert("RGB"), np.float64)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1.0, f"{path}: max diff {np.abs(got - ref).max()} (uint8 levels)"
+    assert ref.std() > 1.0  # a non-trivial image
+
+
+def released_tokenizer(env, understanding=False):
+    root = env["rel"].root
+    vw = root / "language_model" / "visual_weight.bin" if understanding else None
+    return T.VisualTokenizer.from_released(root, env["tok_cfg"], decoders=(), understanding_weights=vw)
+
+
+def hf_image_ids(env, prefix_ids, text, llm_guidance, min_new, max_new):
+    """HF generate (greedy = top-k 1 sampling) on [prefix ids] + text ids + [IMG] -> visual ids (>= 32002)."""
+    ids = list(prefix_ids) + env["text"].encode(text) + [32000]
+    with torch.no_grad():
+        mask = torch.ones(1, len(ids), dtype=torch.long)
+        out = env["rel"].llm.generate(input_ids=torch.tensor([ids]), attention_mask=mask,
+                                      do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new,
+                                      suppress_tokens=list(range(3, 32000)), eos_token_id=32001, pad_token_id=2,
+                                      guidance_scale=llm_guidance)[0, len(ids):].numpy()
+    return np.array([t for t in out if t >= 32002])
+
+
+# ------------------------------------------------------------------------------------------ conversion
+
+
+def test_conversion_verified_and_loadable(env):
+    log = env["log"]
+    for name in ("language_model", "pixel_decoding/unet", "pixel_decoding/vae", "highres_pixel_decoding/unet",
+                 "highres_pixel_decoding/vae"):
+        assert f"verify {name}: max abs diff" in log and f"verify {name}:" in log
+    assert "FAIL" not in log
+    manifest = checkpoint.read_manifest(str(env["out"]))
+    assert set(manifest["parts"]) == {"visual_tokenizer", "language_model", "pixel_decoding", "highres_pixel_decoding"}
+    assert manifest["parts"]["language_model"]["visual_weight"]
+    model = LaVIT.from_pretrained(env["out"])
+    assert model.available_decoders() == ["lowres", "highres"]
+    # the converted LLM equals the HF weights
+    _, params, _ = model.language_model
+    hf = env["rel"].llm.state_dict()
+    np.testing.assert_array_equal(np.asarray(params["embed_tokens"]["embedding"]), hf["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(np.asarray(params["lm_head"]["kernel"]), hf["lm_head.weight"].numpy().T)
+
+
+def test_verify_detects_a_bad_conversion(env, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(env["out"], bad)
+    unet_dir = bad / "pixel_decoding" / "unet"
+    tree = checkpoint.load_tree(str(unet_dir))
+    tree["conv_in"]["kernel"] = tree["conv_in"]["kernel"] * 1.1
+    shutil.rmtree(unet_dir)
+    checkpoint.save_tree(str(unet_dir), tree)
+    manifest = {"dtype": "float32", "parts": {"pixel_decoding": {}}}
+    assert verify_conversion.verify(str(env["rel"].root), str(bad), manifest) is False
+    assert "pixel_decoding/unet" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ CLI tasks
+
+
+@pytest.mark.parity
+def test_cli_caption_and_vqa_match_hf(env, capsys):
+    img, ckpt = str(env["img"]), str(env["out"])
+    rc, caption, err = run_cli(capsys, "caption", img, "--checkpoint", ckpt)
+    assert rc == 0, err
+    feats, lengths = released_tokenizer(env, understanding=True).understanding_features(img)
+    feats, lengths = np.asarray(feats), np.asarray(lengths)
+    hf, tok = env["rel"].llm, env["text"]
+    embeds, mask = _reference_understanding(hf, feats, lengths)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=2, max_new_tokens=36,
+                          min_new_tokens=8, suppress_tokens=list(range(32000, LLM_VOCAB)), bos_token_id=1,
+                          eos_token_id=2, pad_token_id=2, length_penalty=1.0)
+    ref = tok.hf.batch_decode(out, skip_special_tokens=True)[0].strip().split(".")[0]
+    assert ref.strip() and caption == ref
+
+    q = "what is in the image?"
+    rc, answer, err = run_cli(capsys, "vqa", img, q, "--checkpoint", ckpt, "--no-progress")
+    assert rc == 0, err
+    text_ids, text_mask = tok.encode_batch([f"Question: {q} Answer:"])
+    embeds, mask = _reference_understanding(hf, feats, lengths, text_ids, text_mask)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, num_beams=5, max_new_tokens=10,
+                          min_new_tokens=2, suppress_tokens=list(range(32000, LLM_VOCAB)), eos_token_id=2,
+                          pad_token_id=2, length_penalty=0.0, early_stopping=True)
+    ref = llm_tasks.postprocess_answer(tok.hf.batch_decode(out, skip_special_tokens=True)[0])
+    nlp = llm_tasks._spacy_lemmatizer()
+    if nlp is not None:
+        ref = llm_tasks.lemmatize([ref], nlp)[0]
+    assert answer == ref
+
+
+@pytest.mark.parity
+def test_cli_text2image_lowres_matches_reference(env, capsys):
+    out_png, ids_npy = env["base"] / "t2i.png", env["base"] / "t2i.npy"
+    rc, msg, err = run_cli(capsys, "text2image", "a duck made of wool", "--out", str(out_png), "--decoder", "lowres",
+                           *GEN, "--llm-guidance", "3", "--top-k", "1", "--min-new-tokens", "4",
+                           "--max-new-tokens", "12", "--ids-out", str(ids_npy), "--checkpoint", str(env["out"]))
+    assert rc == 0, err
+    assert "diffusion" in err  # progress bars on stderr
+    ids = np.load(ids_npy)[0]
+    ref_ids = hf_image_ids(env, [], "a duck made of wool", 3.0, 4, 12)
+    assert len(ref_ids) >= 4
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert_image_close(out_png, reference_image(env, ids, "lowres"))
+
+
+@pytest.mark.parity
+def test_cli_edit_highres_matches_reference(env, capsys):
+    out_png, ids_npy = env["base"] / "edit.png", env["base"] / "edit.npy"
+    rc, msg, err = run_cli(capsys, "edit", str(env["img"]), "in the desert", "--out", str(out_png), *GEN,
+                           "--llm-guidance", "5", "--top-k", "1", "--min-new-tokens", "4", "--max-new-tokens", "10",
+                           "--ids-out", str(ids_npy), "--checkpoint", str(env["out"]), "--no-progress")
+    assert rc == 0, err
+    img_ids, n = released_tokenizer(env).tokenize(str(env["img"]), add_special=False)
+    prefix = np.asarray(img_ids)[0, : int(n[0])]
+    ref_ids = hf_image_ids(env, prefix, "in the desert", 5.0, 4, 10)
+    ids = np.load(ids_npy)[0]
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert_image_close(out_png, reference_image(env, ids, "highres"))
+
+
+@pytest.mark.parity
+def test_cli_reconstruct_and_python_api(env, capsys):
+    out_png, ids_npy = env["base"] / "rec.png", env["base"] / "rec.npy"
+    rc, msg, err = run_cli(capsys, "reconstruct", str(env["img"]), "--out", str(out_png), *GEN,
+                           "--ids-out", str(ids_npy), "--checkpoint", str(env["out"]), "--no-progress")
+    assert rc == 0, err
+    img_ids, n = released_tokenizer(env).tokenize(str(env["img"]), add_special=False)
+    ref_ids = np.asarray(img_ids)[0, : int(n[0])]
+    ids = np.load(ids_npy)[0]
+    np.testing.assert_array_equal(ids, ref_ids)
+    assert_image_close(out_png, reference_image(env, ids, "highres"))  # highres is the default decoder
+    # the Python API gives the same image
+    model = LaVIT.from_pretrained(env["out"])
+    image = model.reconstruct(Image.open(env["img"]), steps=STEPS, guidance=GUIDANCE, size=SIZE, seed=SEED)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(out_png).convert("RGB")))
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+@pytest.fixture(scope="module")
+def partial_ckpt(env):
+    """A conversion of a source with only visual_tokenizer/ and pixel_decoding/."""
+    src = env["base"] / "partial_src"
+    src.mkdir()
+    for part in ("visual_tokenizer", "pixel_decoding"):
+        shutil.copytree(env["rel"].root / part, src / part)
+    out = env["base"] / "partial_out"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert conv.main(["--src", str(src), "--out", str(out), "--config", TINY, "--dtype", "f32"]) == 0
+    return out, buf.getvalue()
+
+
+def test_partial_source_converts_present_parts(partial_ckpt):
+    out, log = partial_ckpt
+    assert "absent in source, not converted: language_model/" in log
+    assert "absent in source, not converted: highres_pixel_decoding/" in log
+    assert set(checkpoint.read_manifest(str(out))["parts"]) == {"visual_tokenizer", "pixel_decoding"}
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["caption", "{img}"], "language_model/"),
+    (["vqa", "{img}", "what?"], "language_model/"),
+    (["text2image", "a duck", "--out", "{base}/x.png", "--decoder", "highres"], "highres_pixel_decoding/"),
+    (["text2image", "a duck", "--out", "{base}/x.png"], "language_model/"),
+    (["edit", "{img}", "a duck", "--out", "{base}/x.png", "--decoder", "lowres"], "language_model/"),
+    (["reconstruct", "{img}", "--out", "{base}/x.png", "--decoder", "highres"], "highres_pixel_decoding/"),
+])
+def test_cli_checkpoint_lacking_part(env, partial_ckpt, capsys, argv, needle):
+    argv = [a.format(img=env["img"], base=env["base"]) for a in argv]
+    rc, out, err = run_cli(capsys, *argv, "--checkpoint", str(partial_ckpt[0]))
+    assert rc == 2 and err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1
+    assert not (env["base"] / "x.png").exists()
+
+
+def test_api_checkpoint_lacking_part(partial_ckpt):
+    model = LaVIT.from_pretrained(partial_ckpt[0])
+    with pytest.raises(CheckpointPartError, match="language_model/"):
+        model.caption(np.zeros((8, 8, 3), np.uint8))
+
+
+def test_cli_input_errors(env, capsys, tmp_path):
+    ckpt = ["--checkpoint", str(env["out"])]
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("hello")
+    cases = [
+        (["caption", str(tmp_path / "missing.jpg"), *ckpt], "missing.jpg"),
+        (["caption", str(not_image), *ckpt], "notes.png"),
+        (["vqa", str(env["img"]), "  ", *ckpt], "empty question"),
+        (["text2image", "", "--out", str(tmp_path / "a.png"), *ckpt], "empty prompt"),
+        (["edit", str(env["img"]), " ", "--out", str(tmp_path / "a.png"), *ckpt], "empty prompt"),
+        (["reconstruct", str(not_image), "--out", str(tmp_path / "a.png"), *ckpt], "notes.png"),
+        (["caption", str(env["img"]), "--checkpoint", str(tmp_path / "nockpt")], "nockpt"),
+        (["caption", str(env["img"]), "--checkpoint", str(tmp_path)], "not a converted"),
+        (["reconstruct", str(env["img"]), "--out", str(tmp_path / "no" / "a.png"), *ckpt], "output directory"),
+    ]
+    for argv, needle in cases:
+        rc, out, err = run_cli(capsys, *argv)
+        assert rc == 2, argv
+        assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "a.png").exists()
+    with pytest.raises(ValueError, match="empty prompt"):
+        LaVIT.from_pretrained(env["out"]).text2image("   ")
+
+
+def test_converter_truncated_shard_names_file(env, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(env["rel"].root / "language_model", src / "language_model")
+    shard = src / "language_model" / "pytorch_model-00002-of-00003.bin"
+    shard.write_bytes(shard.read_bytes()[:2000])
+    out = tmp_path / "out"
+    assert conv.main(["--src", str(src), "--out", str(out), "--config", TINY]) == 2
+    assert "pytorch_model-00002-of-00003.bin" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_converter_lists_all_key_problems(env, tmp_path, capsys):
+    src = tmp_path / "src"
+    shutil.copytree(env["rel"].root / "language_model", src / "language_model")
+    lm = src / "language_model"
+    index = json.loads((lm / "pytorch_model.bin.index.json").read_text())
+    name = index["weight_map"]["model.norm.weight"]
+    sd = torch.load(lm / name, weights_only=True)
+    sd.pop("model.norm.weight")  # missing
+    sd["model.layers.0.extra.weight"] = torch.zeros(3)  # unexpected
+    first = next(k for k in sd if k.endswith("_proj.weight"))
+    sd[first] = torch.zeros(5, 5)  # mis-shaped
+    torch.save(sd, lm / name)
+    out = tmp_path / "out"
+    assert conv.main(["--src", str(src), "--out", str(out), "--config", TINY]) == 2
+    err = capsys.readouterr().err
+    assert "missing (1): model/norm/weight" in err
+    assert "model.layers.0.extra.weight" in err and first in err
+    assert not out.exists()
