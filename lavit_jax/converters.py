@@ -57,7 +57,7 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
                 t = f.get_tensor(k)
             except Exception as e:
                 raise W.WeightFileError(f"cannot read tensor {k!r} of {path}: {type(e).__name__}: {e}") from e
-            yield k, W._to_numpy(t)
+            yield k, W.tensor_to_numpy(t)
         return
     import torch
 
@@ -76,7 +76,7 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
         v = sd.pop(k)
         if not hasattr(v, "detach"):
             raise W.WeightFileError(f"weight file {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        yield str(k), W._to_numpy(v)
+        yield str(k), W.tensor_to_numpy(v)
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -105,9 +105,9 @@ def convert_language_model(src: str, out: str, config, dtype: str, log) -> dict:
     lm_out = os.path.join(out, "language_model")
     _require(lm_src, ("config.json", "tokenizer.model"))
     cfg = llama.llama_config_from_hf(lm_src)
-    shapes = llama._flax_shapes(cfg)
+    shapes = llama.flax_param_shapes(cfg)
     np_dtype = _np_dtype(dtype)
-    files = llama._hf_shard_files(lm_src)
+    files = llama.hf_shard_files(lm_src)
     converted: dict[str, np.ndarray] = {}
     for path in _bar(files, "language_model", "shard"):
         for key, value in iter_tensors(path):
@@ -147,7 +147,7 @@ def convert_visual_weight(path: str, tokenizer_config, dtype) -> dict:
 
     sd = W.load_torch_file(path)
     shapes = T.tokenizer_param_shapes(tokenizer_config)
-    rule = T._rule_for(sd)
+    rule = T.released_key_rule(sd)
     mapped = {rule(k)[0] for k in sd}
     return W.assign_params(sd, rule, shapes, source=path, dtype=_np_dtype(dtype),
                            ignore_missing=[p for p in shapes if p not in mapped])

@@ -417,13 +417,14 @@ def hf_key_rule(key: str):
     return ("<unknown>", key), weights_lib.identity
 
 
-def _flax_shapes(config):
+def flax_param_shapes(config):
+    """Flat {HF-style path: shape} of the params (decoder under "model", as the HF keys are)."""
     shapes = weights_lib.param_shapes(param_specs(config))
     # Our module tree has the decoder at top level; the HF tree has it under "model". Map both ways.
     return {(("model",) + k) if k[0] != "lm_head" else k: v for k, v in shapes.items()}
 
 
-def _hf_shard_files(model_dir: str) -> list[str]:
+def hf_shard_files(model_dir: str) -> list[str]:
     """Weight files of an HF checkpoint directory, in index order."""
     for index_name, single in (
         ("model.safetensors.index.json", "model.safetensors"),
@@ -460,9 +461,9 @@ def load_hf_llama(model_dir, config=None, dtype=jnp.bfloat16):
     if config is None:
         config = llama_config_from_hf(model_dir)
     np_dtype = np.dtype(jnp.dtype(dtype))
-    shapes = _flax_shapes(config)
+    shapes = flax_param_shapes(config)
     converted: dict[str, np.ndarray] = {}
-    for path in _hf_shard_files(model_dir):
+    for path in hf_shard_files(model_dir):
         shard = weights_lib.load_weight_file(path)
         for key in list(shard.keys()):
             value = shard.pop(key)

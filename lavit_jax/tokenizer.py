@@ -296,7 +296,9 @@ def torch_key_to_flax(key: str, ndim: int):
     return tuple(parts), weights.identity
 
 
-def _rule_for(state_dict, prefix=(), ignore=()):
+def released_key_rule(state_dict, prefix=(), ignore=()):
+    """An ``assign_params`` rule for reference keys (via ``torch_key_to_flax``); ``ignore`` skips prefixes."""
+
     def rule(key):
         if any(key == i or key.startswith(i + ".") for i in ignore):
             return None
@@ -355,7 +357,7 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
 
     enc_path = os.path.join(vt_dir, VISUAL_TOKENIZER_FILES["encoder"])
     enc_sd = weights.load_torch_file(enc_path)
-    enc = weights.assign_params(enc_sd, _rule_for(enc_sd, ignore=("norm", "head")), enc_shapes,
+    enc = weights.assign_params(enc_sd, released_key_rule(enc_sd, ignore=("norm", "head")), enc_shapes,
                                 source=enc_path, dtype=np_dtype)
     del enc_sd
     tok_path = os.path.join(vt_dir, VISUAL_TOKENIZER_FILES["tokenizer"])
@@ -368,7 +370,7 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
                 f"checkpoint {understanding_weights}: keys not in {VISUAL_TOKENIZER_FILES['tokenizer']}: "
                 + ", ".join(bad))
         tok_sd.update(over)
-    rest = weights.assign_params(tok_sd, _rule_for(tok_sd), rest_shapes, source=tok_path, dtype=np_dtype)
+    rest = weights.assign_params(tok_sd, released_key_rule(tok_sd), rest_shapes, source=tok_path, dtype=np_dtype)
     rest["encoder"] = enc
     return rest
 
@@ -378,7 +380,7 @@ def load_token_decoder(path, config, highres: bool, dtype=None):
     from lavit_jax import weights
 
     sd = weights.load_torch_file(path)
-    return weights.assign_params(sd, _rule_for(sd), decoder_param_shapes(config, highres), source=str(path),
+    return weights.assign_params(sd, released_key_rule(sd), decoder_param_shapes(config, highres), source=str(path),
                                  dtype=_np_dtype(dtype))
 
 

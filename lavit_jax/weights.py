@@ -27,7 +27,8 @@ class WeightMismatchError(ValueError):
     """Keys or shapes of a checkpoint do not match the model."""
 
 
-def _to_numpy(t) -> np.ndarray:
+def tensor_to_numpy(t) -> np.ndarray:
+    """A torch tensor -> numpy (bf16 viewed as ``ml_dtypes.bfloat16``, no float32 round trip)."""
     import torch
 
     t = t.detach().cpu()
@@ -57,7 +58,7 @@ def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for k, v in sd.items():
         if not hasattr(v, "detach"):
             raise WeightFileError(f"weight file {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
-        out[str(k)] = _to_numpy(v)
+        out[str(k)] = tensor_to_numpy(v)
     return out
 
 
