@@ -19,7 +19,6 @@ corresponding diffusers class, as ``<Class>.from_pretrained`` does.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 
@@ -28,6 +27,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import struct
+
+from lavit_jax.weights import load_json_config
 
 KINDS = ("ddim", "euler", "euler_ancestral", "ddpm")
 _CLASS_KIND = {
@@ -98,16 +99,7 @@ def scheduler_config(diffusers_config: dict, kind: str | None = None) -> ml_coll
 
 def load_scheduler_config(path: str | os.PathLike, kind: str | None = None) -> ml_collections.FrozenConfigDict:
     """Reads ``scheduler/scheduler_config.json`` (a file or its folder)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "scheduler_config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"scheduler config not found: {path}")
-    with open(path) as f:
-        try:
-            return scheduler_config(json.load(f), kind)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+    return load_json_config(path, "scheduler_config.json", lambda d: scheduler_config(d, kind), "scheduler config")
 
 
 # --------------------------------------------------------------------------------------------------

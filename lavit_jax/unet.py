@@ -18,7 +18,6 @@ Building blocks shared with the VAE (GroupNorm, Conv, ResnetBlock2D, Down/Upsamp
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from flax import linen as nn
 
 from lavit_jax.attention import dot_product_attention
 from lavit_jax.layers import LayerNorm, dense, merge_heads, split_heads
-from lavit_jax.weights import conv_t, linear_t
+from lavit_jax.weights import conv_t, linear_t, load_json_config
 
 Dtype = jnp.dtype
 
@@ -439,16 +438,7 @@ def unet_config(diffusers_config: dict) -> ml_collections.FrozenConfigDict:
 
 def load_unet_config(path: str | os.PathLike) -> ml_collections.FrozenConfigDict:
     """Reads ``unet/config.json`` (a file or its folder)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"UNet config not found: {path}")
-    with open(path) as f:
-        try:
-            return unet_config(json.load(f))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+    return load_json_config(path, "config.json", unet_config, "UNet config")
 
 
 # --------------------------------------------------------------------------------------------------

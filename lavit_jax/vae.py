@@ -10,7 +10,6 @@ attention names included).
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
@@ -21,6 +20,7 @@ from flax import linen as nn
 from lavit_jax.attention import dot_product_attention
 from lavit_jax.layers import dense
 from lavit_jax.unet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
+from lavit_jax.weights import load_json_config
 
 Dtype = jnp.dtype
 
@@ -61,16 +61,7 @@ def vae_config(diffusers_config: dict) -> ml_collections.FrozenConfigDict:
 
 def load_vae_config(path: str | os.PathLike) -> ml_collections.FrozenConfigDict:
     """Reads ``vae/config.json`` (a file or its folder)."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VAE config not found: {path}")
-    with open(path) as f:
-        try:
-            return vae_config(json.load(f))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
+    return load_json_config(path, "config.json", vae_config, "VAE config")
 
 
 class VAEAttention(nn.Module):

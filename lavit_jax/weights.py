@@ -81,6 +81,25 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return load_torch_file(path)
 
 
+def load_json_config(path, filename: str, parse, what: str):
+    """Reads ``filename`` inside folder ``path`` (or the file ``path``) and returns ``parse(dict)``.
+
+    A missing file, invalid JSON or a value ``parse`` rejects (ValueError) gives an error naming the file.
+    """
+    import json
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return parse(json.load(f))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
 def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """Keeps the keys under ``prefix`` (e.g. ``"encoder."``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
