@@ -18,7 +18,6 @@ still one jit, one dispatch).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from functools import partial
@@ -34,6 +33,7 @@ from lavit_jax.vae import AutoencoderKL, decode_to_images, load_vae_config
 from lavit_jax.weights import (
     WeightFileError,
     assign_params,
+    index_shard_files,
     load_weight_file,
     param_shapes,
 )
@@ -248,14 +248,9 @@ def load_diffusers_state_dict(folder: str | os.PathLike) -> dict[str, np.ndarray
             return load_weight_file(path)
         index = path + ".index.json"
         if os.path.isfile(index):
-            with open(index) as f:
-                try:
-                    weight_map = json.load(f)["weight_map"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise WeightFileError(f"bad shard index {index}: {e}") from e
             out: dict[str, np.ndarray] = {}
-            for shard in sorted(set(weight_map.values())):
-                out.update(load_weight_file(os.path.join(folder, shard)))
+            for shard in index_shard_files(index):
+                out.update(load_weight_file(shard))
             return out
     raise WeightFileError(f"no weights in {folder} (looked for {', '.join(_WEIGHT_NAMES)} and *.index.json)")
 

@@ -432,13 +432,7 @@ def hf_shard_files(model_dir: str) -> list[str]:
     ):
         index_path = os.path.join(model_dir, index_name)
         if os.path.isfile(index_path):
-            try:
-                with open(index_path) as f:
-                    weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise weights_lib.WeightFileError(f"bad checkpoint index {index_path}: {e}") from e
-            files = list(dict.fromkeys(weight_map.values()))
-            return [os.path.join(model_dir, f) for f in files]
+            return weights_lib.index_shard_files(index_path)
         if os.path.isfile(os.path.join(model_dir, single)):
             return [os.path.join(model_dir, single)]
     raise weights_lib.WeightFileError(

@@ -100,6 +100,20 @@ def load_json_config(path, filename: str, parse, what: str):
             raise ValueError(f"{path}: {e}") from e
 
 
+def index_shard_files(index_path) -> list[str]:
+    """Paths of the shards a ``*.index.json`` names (its ``weight_map`` values, first-seen order)."""
+    import json
+
+    index_path = os.fspath(index_path)
+    try:
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise WeightFileError(f"bad shard index {index_path}: {type(e).__name__}: {e}") from e
+    folder = os.path.dirname(index_path)
+    return [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
+
+
 def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
     """Keeps the keys under ``prefix`` (e.g. ``"encoder."``), with the prefix removed."""
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}

@@ -91,3 +91,18 @@ def test_understanding_weights_overlay(ckpt, cfg, tmp_path):
     torch.save({"not_a_key": torch.zeros(1)}, tmp_path / "bad.bin")
     with pytest.raises(weights.WeightMismatchError, match="not_a_key"):
         T.load_visual_tokenizer(ckpt, cfg, understanding_weights=tmp_path / "bad.bin")
+
+
+def test_bad_index_and_config_json_are_named(tmp_path):
+    idx = tmp_path / "pytorch_model.bin.index.json"
+    idx.write_text('{"metadata": {}}')
+    with pytest.raises(weights.WeightFileError, match="pytorch_model.bin.index.json"):
+        weights.index_shard_files(idx)
+    idx.write_text('{"weight_map": {"a": "s2.bin", "b": "s1.bin", "c": "s2.bin"}}')
+    assert weights.index_shard_files(idx) == [str(tmp_path / "s2.bin"), str(tmp_path / "s1.bin")]
+    cfg = tmp_path / "config.json"
+    cfg.write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        weights.load_json_config(tmp_path, "config.json", dict, "UNet config")
+    with pytest.raises(FileNotFoundError, match="UNet config not found"):
+        weights.load_json_config(tmp_path / "nope", "config.json", dict, "UNet config")
