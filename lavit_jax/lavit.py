@@ -312,6 +312,13 @@ class LaVIT:
                                    progress=progress)
         return to_pil(images)
 
+    def _decode_stage(self, ids, lengths, stages, single, return_ids, **decode_kw):
+        """The last stage of the image tasks: ids -> PIL image(s), optionally with (ids, lengths)."""
+        images = self.decode_ids(ids, lengths, **decode_kw)
+        stages.done(1)
+        images = images[0] if single else images
+        return (images, (ids, lengths)) if return_ids else images
+
     def text2image(self, prompts, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
                    llm_guidance: float = 4.0, seed: int = 0, size: int | None = None, top_k: int = 50,
                    top_p: float = 1.0, temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200,
@@ -327,11 +334,8 @@ class LaVIT:
                                            temperature=temperature, min_new_tokens=min_new_tokens,
                                            max_new_tokens=max_new_tokens, seed=seed)
         stages.done(0)
-        images = self.decode_ids(ids, lengths, decoder=decoder, steps=steps, guidance=guidance, seed=seed, size=size,
-                                 progress=progress)
-        stages.done(1)
-        images = images[0] if single else images
-        return (images, (ids, lengths)) if return_ids else images
+        return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
+                                  guidance=guidance, seed=seed, size=size, progress=progress)
 
     def edit(self, images, prompts, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
              llm_guidance: float = 5.0, seed: int = 0, size: int | None = None, top_k: int = 50, top_p: float = 1.0,
@@ -348,11 +352,8 @@ class LaVIT:
                                      temperature=temperature, min_new_tokens=min_new_tokens,
                                      max_new_tokens=max_new_tokens, seed=seed)
         stages.done(0)
-        out = self.decode_ids(ids, lengths, decoder=decoder, steps=steps, guidance=guidance, seed=seed, size=size,
-                              progress=progress)
-        stages.done(1)
-        out = out[0] if single else out
-        return (out, (ids, lengths)) if return_ids else out
+        return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
+                                  guidance=guidance, seed=seed, size=size, progress=progress)
 
     def reconstruct(self, images, *, decoder: str | None = None, steps: int = 50, guidance: float = 5.0,
                     seed: int = 0, size: int | None = None, return_ids: bool = False, progress: bool = False):
@@ -363,8 +364,5 @@ class LaVIT:
         ids, lengths = self.visual_tokenizer.tokenize(imgs, add_special=False)
         ids, lengths = np.asarray(ids), np.asarray(lengths)
         stages.done(0)
-        out = self.decode_ids(ids, lengths, decoder=decoder, steps=steps, guidance=guidance, seed=seed, size=size,
-                              progress=progress)
-        stages.done(1)
-        out = out[0] if single else out
-        return (out, (ids, lengths)) if return_ids else out
+        return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
+                                  guidance=guidance, seed=seed, size=size, progress=progress)
