@@ -31,7 +31,7 @@ def define_flags():
 
 def load_params(config, ckpt):
     """(tokenizer params, stage-1 decoder params or None) from any supported checkpoint directory."""
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     if os.path.isfile(os.path.join(ckpt, "lavit.json")):
         return T.load_converted(ckpt).params, None
@@ -48,10 +48,10 @@ def load_params(config, ckpt):
 
 
 def evaluate(config, ckpt, data_dir, limit=256, batch_size=8):
-    from lavit_jax import tokenizer_training as st
-    from lavit_jax.input_pipeline import image_batches
-    from lavit_jax.token_decoder import TokenDecoder
-    from lavit_jax.tokenizer import DynamicVisualTokenizer
+    from lavit_jax.data.input_pipeline import image_batches
+    from lavit_jax.models.token_decoder import TokenDecoder
+    from lavit_jax.models.tokenizer import DynamicVisualTokenizer
+    from lavit_jax.train import tokenizer as st
 
     tc = config.tokenizer
     params, dec = load_params(config, ckpt)

@@ -23,8 +23,8 @@ from flax import linen as nn
 from flax.core import meta
 from ml_collections import config_flags
 
-from lavit_jax import sharding
-from lavit_jax import tokenizer_training as st
+from lavit_jax.ops import sharding
+from lavit_jax.train import tokenizer as st
 
 
 def define_flags():
@@ -35,7 +35,7 @@ def define_flags():
 
 def load_init(config, params):
     """Overwrites the tokenizer part of ``params`` with a released or converted checkpoint."""
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     src = config.train.init_from
     if not src:
@@ -59,7 +59,7 @@ def param_shardings(mesh, rules, abstract_boxed):
 def train(config, max_steps=None):
     import orbax.checkpoint as ocp
 
-    from lavit_jax.input_pipeline import image_batches
+    from lavit_jax.data.input_pipeline import image_batches
 
     tc = config.train
     if tc.stage != "tokenizer":

@@ -14,7 +14,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from lavit_jax import generation, llama
+from lavit_jax.inference import generation
+from lavit_jax.models import llama
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
 

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs.lavit_7b import tokenizer_config  # noqa: E402
-from lavit_jax import tokenizer as T  # noqa: E402
+from lavit_jax.models import tokenizer as T  # noqa: E402
 
 
 def main():

@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from lavit_jax import unet as U  # noqa: E402
+from lavit_jax.models import unet as U  # noqa: E402
 
 SD15_FULL = dict(
     sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,

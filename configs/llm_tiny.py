@@ -4,7 +4,7 @@ Vocabulary laid out as LaVIT's: 32000 text ids, [IMG] = 32000, [/IMG] = 32001, t
 Usage: ``from configs.llm_tiny import get_config; cfg = get_config()`` (a ``ml_collections.ConfigDict``).
 """
 
-from lavit_jax.llama import llama_config_from_hf
+from lavit_jax.models.llama import llama_config_from_hf
 
 
 def get_config():

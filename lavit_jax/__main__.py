@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_inputs(args) -> None:
     """Cheap checks before any weights are read."""
     from lavit_jax import checkpoint
-    from lavit_jax.image_io import load_image
+    from lavit_jax.data.image_io import load_image
 
     if getattr(args, "image", None) is not None:
         load_image(args.image)
@@ -100,7 +100,7 @@ def _check_inputs(args) -> None:
 def run(args) -> None:
     import numpy as np
 
-    from lavit_jax.lavit import LaVIT
+    from lavit_jax.inference.lavit import LaVIT
 
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
@@ -130,7 +130,7 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from lavit_jax.weights import WeightFileError
+    from lavit_jax.convert.torch_io import WeightFileError
 
     try:
         run(args)

@@ -31,7 +31,7 @@ def test_pattern(size: int = 256) -> np.ndarray:
 
 def main(argv):
     del argv
-    from lavit_jax.tokenizer import VisualTokenizer
+    from lavit_jax.models.tokenizer import VisualTokenizer
 
     config = _CONFIG.value
     ckpt = config.checkpoint

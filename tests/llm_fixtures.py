@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import transformers
 
-from lavit_jax import llama
+from lavit_jax.models import llama
 
 VOCAB = 32002 + 64
 EOS = 2

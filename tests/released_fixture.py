@@ -20,7 +20,7 @@ from diffusers import AutoencoderKL as TorchVAE
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
-from lavit_jax import weights
+from lavit_jax.convert import torch_io as weights
 from tests import llm_fixtures as fx
 from tests.test_diffusion import SCHED, UNET_HIGHRES, UNET_LOWRES, VAE_TINY, perturbed
 

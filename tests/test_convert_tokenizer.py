@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lavit_jax import checkpoint
-from lavit_jax import tokenizer as T
+from lavit_jax.models import tokenizer as T
 from tests.conftest import REPO, SHARED
 from tools import convert_torch_weights as conv
 

@@ -18,12 +18,13 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from configs import tiny
-from lavit_jax import diffusion, schedulers
-from lavit_jax import unet as U
-from lavit_jax import vae as V
-from lavit_jax.detokenizer import Detokenizer, load_codebook
-from lavit_jax.token_decoder import TokenDecoder
-from lavit_jax.tokenizer import load_token_decoder
+from lavit_jax.inference import sampling as diffusion
+from lavit_jax.inference import schedulers
+from lavit_jax.inference.detokenizer import Detokenizer, load_codebook
+from lavit_jax.models import unet as U
+from lavit_jax.models import vae as V
+from lavit_jax.models.token_decoder import TokenDecoder
+from lavit_jax.models.tokenizer import load_token_decoder
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "image_tokenizer_tiny"
 VT = FIXTURE / "checkpoint" / "visual_tokenizer"

@@ -21,12 +21,13 @@ from diffusers import DDIMScheduler
 from PIL import Image
 
 from lavit_jax import __main__ as cli
-from lavit_jax import checkpoint, llm_tasks
-from lavit_jax import tokenizer as T
-from lavit_jax.detokenizer import load_codebook
-from lavit_jax.lavit import CheckpointPartError, LaVIT
-from lavit_jax.text_tokenizer import load_text_tokenizer
-from lavit_jax.token_decoder import TokenDecoder
+from lavit_jax import checkpoint
+from lavit_jax.data.text_tokenizer import load_text_tokenizer
+from lavit_jax.inference import llm_tasks
+from lavit_jax.inference.detokenizer import load_codebook
+from lavit_jax.inference.lavit import CheckpointPartError, LaVIT
+from lavit_jax.models import tokenizer as T
+from lavit_jax.models.token_decoder import TokenDecoder
 from tests.conftest import REPO
 from tests.released_fixture import LLM_VOCAB, build_released
 from tests.test_diffusion import GUIDANCE, STEPS, torch_reference

@@ -8,8 +8,8 @@ import torch
 from transformers.generation import logits_process as hfp
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from lavit_jax import generation
-from lavit_jax.generation import GenerationConfig
+from lavit_jax.inference import generation
+from lavit_jax.inference.generation import GenerationConfig
 from tests import llm_fixtures as fx
 
 

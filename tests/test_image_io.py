@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavit_jax.image_io import CLIP_MEAN, CLIP_STD, ImageInputError, load_image, preprocess
+from lavit_jax.data.image_io import CLIP_MEAN, CLIP_STD, ImageInputError, load_image, preprocess
 
 
 def test_preprocess_matches_pil_bicubic_and_clip_norm(tmp_path):

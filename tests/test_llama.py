@@ -10,7 +10,9 @@ import pytest
 import torch
 from flax import linen as nn
 
-from lavit_jax import llama, sharding, weights
+from lavit_jax.convert import torch_io as weights
+from lavit_jax.models import llama
+from lavit_jax.ops import sharding
 from tests import llm_fixtures as fx
 
 

@@ -9,8 +9,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lavit_jax import llm_tasks
-from lavit_jax.text_tokenizer import load_text_tokenizer
+from lavit_jax.data.text_tokenizer import load_text_tokenizer
+from lavit_jax.inference import llm_tasks
 from tests import llm_fixtures as fx
 
 LINES = [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from lavit_jax import schedulers as S
+from lavit_jax.inference import schedulers as S
 
 SD15 = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
             clip_sample=False, set_alpha_to_one=False, steps_offset=1)

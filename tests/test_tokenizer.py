@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lavit_jax import codebook, sharding
-from lavit_jax import tokenizer as T
+from lavit_jax.models import codebook
+from lavit_jax.models import tokenizer as T
+from lavit_jax.ops import sharding
 from tests.conftest import SHARED
 
 FIX = SHARED / "fixtures" / "image_tokenizer_tiny"

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lavit_jax import tokenizer as T
+from lavit_jax.models import tokenizer as T
 from tests.conftest import SHARED, fixture_dirs
 
 FIXTURES = fixture_dirs()

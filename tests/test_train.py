@@ -42,7 +42,7 @@ def test_resume_is_exact(runs):
 
 
 def test_frozen_encoder_and_ema_codebook(runs):
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     first, _, straight, *_ = runs
     cfg = T.config_from_fixture(FIX / "config.json")

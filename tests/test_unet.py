@@ -10,9 +10,10 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import linen as nn
 
-from lavit_jax import diffusion, sharding
-from lavit_jax import unet as U
-from lavit_jax.weights import WeightMismatchError, param_shapes
+from lavit_jax.convert.torch_io import WeightMismatchError, param_shapes
+from lavit_jax.inference import sampling as diffusion
+from lavit_jax.models import unet as U
+from lavit_jax.ops import sharding
 
 # SD-1.5 shape in miniature: cross-attention everywhere but the last block, heads given as an int,
 # conv projections, 48-d condition (the fixture token decoder's low-res width).

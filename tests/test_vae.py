@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 
-from lavit_jax import diffusion
-from lavit_jax import vae as V
+from lavit_jax.inference import sampling as diffusion
+from lavit_jax.models import vae as V
 
 VAE_TINY = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from lavit_jax import tokenizer as T
-from lavit_jax import weights
+from lavit_jax.convert import torch_io as weights
+from lavit_jax.models import tokenizer as T
 from tests.conftest import SHARED
 
 FIX = SHARED / "fixtures" / "image_tokenizer_tiny"

@@ -48,7 +48,7 @@ def convert_visual_tokenizer(src: str, out: str, config, dtype: str, log) -> dic
     """visual_tokenizer/ -> OUT/visual_tokenizer/{tokenizer,lowres_decoder,highres_decoder}."""
     from tqdm import tqdm
 
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     vt_src = os.path.join(src, "visual_tokenizer")
     vt_out = os.path.join(out, "visual_tokenizer")
@@ -75,19 +75,19 @@ def convert_visual_tokenizer(src: str, out: str, config, dtype: str, log) -> dic
 
 
 def convert_language_model(src, out, config, dtype, log):
-    from lavit_jax import converters
+    from lavit_jax.convert import converter as converters
 
     return converters.convert_language_model(src, out, config, dtype, log)
 
 
 def convert_pixel_decoding(src, out, config, dtype, log):
-    from lavit_jax import converters
+    from lavit_jax.convert import converter as converters
 
     return converters.convert_pixel_decoding(src, out, config, dtype, log)
 
 
 def convert_highres_pixel_decoding(src, out, config, dtype, log):
-    from lavit_jax import converters
+    from lavit_jax.convert import converter as converters
 
     return converters.convert_highres_pixel_decoding(src, out, config, dtype, log)
 

@@ -44,7 +44,8 @@ def verify_language_model(src, out, tol, log, rng) -> bool:
     import torch
     import transformers
 
-    from lavit_jax import checkpoint, llama
+    from lavit_jax import checkpoint
+    from lavit_jax.models import llama
 
     cfg = llama.llama_config_from_hf(os.path.join(out, "language_model", "config.json"))
     params = _f32(checkpoint.load_tree(os.path.join(out, "language_model", "params")))
@@ -65,8 +66,8 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
     from diffusers import UNet2DConditionModel as TorchUNet
 
     from lavit_jax import checkpoint
-    from lavit_jax.unet import UNet2DConditionModel, load_unet_config
-    from lavit_jax.vae import AutoencoderKL, decode_to_images, load_vae_config
+    from lavit_jax.models.unet import UNet2DConditionModel, load_unet_config
+    from lavit_jax.models.vae import AutoencoderKL, decode_to_images, load_vae_config
 
     root = os.path.join(out, folder)
     ok = True
@@ -108,7 +109,7 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
 
 
 def verify_visual_tokenizer(src, out, tol, log, rng) -> bool:
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     vt = T.load_converted(out)
     direct = T.load_visual_tokenizer(src, vt.config)

@@ -29,9 +29,9 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from lavit_jax import weights as weights_lib
-from lavit_jax.attention import dot_product_attention
-from lavit_jax.layers import dense
+from lavit_jax.convert import torch_io as weights_lib
+from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.layers import dense
 
 # --------------------------------------------------------------------------------------------- config
 

@@ -28,9 +28,9 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from lavit_jax.attention import dot_product_attention
-from lavit_jax.layers import LayerNorm, dense, merge_heads, split_heads
-from lavit_jax.weights import conv_t, linear_t, load_json_config
+from lavit_jax.convert.torch_io import conv_t, linear_t, load_json_config
+from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.layers import LayerNorm, dense, merge_heads, split_heads
 
 Dtype = jnp.dtype
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from lavit_jax.attention import dot_product_attention
-from lavit_jax.layers import dense
-from lavit_jax.unet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
-from lavit_jax.weights import load_json_config
+from lavit_jax.convert.torch_io import load_json_config
+from lavit_jax.models.unet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
+from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.layers import dense
 
 Dtype = jnp.dtype
 

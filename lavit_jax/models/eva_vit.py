@@ -9,8 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lavit_jax.attention import dot_product_attention
-from lavit_jax.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
+from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
 
 REMAT_POLICIES = {
     "none": None,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavit_jax.llama import default_positions, init_cache
+from lavit_jax.models.llama import default_positions, init_cache
 
 NEG_INF = -jnp.inf
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavit_jax.generation import GenerationConfig, GenerationOutput, generate
+from lavit_jax.inference.generation import GenerationConfig, GenerationOutput, generate
 
 IMG_START = 32000
 IMG_END = 32001

@@ -118,7 +118,7 @@ class LaVIT:
     @property
     def visual_tokenizer(self):
         """The dynamic visual tokenizer (generation path: ids) with the token decoders present."""
-        from lavit_jax import tokenizer as T
+        from lavit_jax.models import tokenizer as T
 
         self.require("visual_tokenizer", "the visual tokenizer")
         return self._cached("vt", lambda: T.load_converted(self.ckpt_dir))
@@ -126,7 +126,7 @@ class LaVIT:
     @property
     def understanding_tokenizer(self):
         """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path)."""
-        from lavit_jax import tokenizer as T
+        from lavit_jax.models import tokenizer as T
 
         def build():
             vt = self.visual_tokenizer
@@ -141,8 +141,8 @@ class LaVIT:
     @property
     def language_model(self):
         """(LlamaForCausalLM, params, TextTokenizer)."""
-        from lavit_jax import llama
-        from lavit_jax.text_tokenizer import load_text_tokenizer
+        from lavit_jax.data.text_tokenizer import load_text_tokenizer
+        from lavit_jax.models import llama
 
         def build():
             entry = self.require("language_model", "the language model")
@@ -177,10 +177,11 @@ class LaVIT:
 
     def detokenizer(self, decoder: str = "highres"):
         """The ``Detokenizer`` (token decoder + UNet + VAE + DDIM) for 'lowres' or 'highres'."""
-        from lavit_jax import diffusion, schedulers
-        from lavit_jax.detokenizer import Detokenizer
-        from lavit_jax.unet import UNet2DConditionModel, load_unet_config
-        from lavit_jax.vae import AutoencoderKL, load_vae_config
+        from lavit_jax.inference import sampling as diffusion
+        from lavit_jax.inference import schedulers
+        from lavit_jax.inference.detokenizer import Detokenizer
+        from lavit_jax.models.unet import UNet2DConditionModel, load_unet_config
+        from lavit_jax.models.vae import AutoencoderKL, load_vae_config
 
         decoder = self._pick_decoder(decoder, "image decoding")
 
@@ -213,7 +214,7 @@ class LaVIT:
     def caption(self, images, *, num_beams: int = 2, max_new_tokens: int = 36, min_new_tokens: int = 8,
                 prompt: str | None = None, progress: bool = False):
         """Image(s) (path / PIL / array, or a list) -> caption str (or list of str)."""
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         imgs, single = _as_list(images)
         self.require("visual_tokenizer", "caption")
@@ -230,7 +231,7 @@ class LaVIT:
     def vqa(self, images, questions, *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 2,
             apply_lemmatizer: bool = True, progress: bool = False):
         """Image(s) + question(s) -> answer str (or list). One question per image."""
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         imgs, single = _as_list(images)
         qs, _ = _as_list(questions)
@@ -253,7 +254,7 @@ class LaVIT:
 
     @staticmethod
     def _generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         return llm_tasks.image_generation_config(
             guidance_scale=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -261,7 +262,7 @@ class LaVIT:
 
     @staticmethod
     def _visual_ids(out, what):
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         codes, lengths = llm_tasks.image_codes_from_ids(out.tokens)
         lengths = np.asarray(lengths)
@@ -274,7 +275,7 @@ class LaVIT:
     def text2image_ids(self, prompts, *, llm_guidance: float = 4.0, top_k: int = 50, top_p: float = 1.0,
                        temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200, seed: int = 0):
         """Prompt(s) -> visual ids [B, N] in LLM space (code + 32002, padded with 0) and lengths [B]."""
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         texts, _ = _as_list(prompts)
         _check_text(texts)
@@ -286,7 +287,7 @@ class LaVIT:
     def edit_ids(self, images, prompts, *, llm_guidance: float = 5.0, top_k: int = 50, top_p: float = 1.0,
                  temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200, seed: int = 0):
         """Image(s) + prompt(s) (multimodal prompt: image tokens then text then [IMG]) -> visual ids, lengths."""
-        from lavit_jax import llm_tasks
+        from lavit_jax.inference import llm_tasks
 
         imgs, _ = _as_list(images)
         texts, _ = _as_list(prompts)
@@ -305,7 +306,7 @@ class LaVIT:
     def decode_ids(self, ids, lengths, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
                    seed: int = 0, size: int | None = None, noise=None, progress: bool = False) -> list:
         """Visual ids [B, N] (LLM space) + lengths [B] -> list of B PIL images."""
-        from lavit_jax.diffusion import to_pil
+        from lavit_jax.inference.sampling import to_pil
 
         detok = self.detokenizer(decoder)
         images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, size=size, noise=noise,

@@ -18,9 +18,9 @@ from flax import linen as nn
 from flax import struct
 from flax.core import meta
 
-from lavit_jax import codebook as cb
-from lavit_jax.token_decoder import TokenDecoder
-from lavit_jax.tokenizer import DynamicVisualTokenizer, compact
+from lavit_jax.models import codebook as cb
+from lavit_jax.models.token_decoder import TokenDecoder
+from lavit_jax.models.tokenizer import DynamicVisualTokenizer, compact
 
 
 class Stage1Model(nn.Module):

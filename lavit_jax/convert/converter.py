@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lavit_jax import checkpoint
-from lavit_jax import weights as W
+from lavit_jax.convert import torch_io as W
 
 LANGUAGE_MODEL_COPY = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
                        "special_tokens_map.json")
@@ -99,7 +99,7 @@ def convert_language_model(src: str, out: str, config, dtype: str, log) -> dict:
     ``visual_weight.bin`` (stage-2 merger + projector) becomes a partial tokenizer param tree that
     ``LaVIT`` lays over the tokenizer params for understanding.
     """
-    from lavit_jax import llama
+    from lavit_jax.models import llama
 
     lm_src = os.path.join(src, "language_model")
     lm_out = os.path.join(out, "language_model")
@@ -143,7 +143,7 @@ def convert_language_model(src: str, out: str, config, dtype: str, log) -> dict:
 
 def convert_visual_weight(path: str, tokenizer_config, dtype) -> dict:
     """``visual_weight.bin`` -> the partial DynamicVisualTokenizer param tree it overrides (checked keys/shapes)."""
-    from lavit_jax import tokenizer as T
+    from lavit_jax.models import tokenizer as T
 
     sd = W.load_torch_file(path)
     shapes = T.tokenizer_param_shapes(tokenizer_config)
@@ -158,8 +158,8 @@ def convert_visual_weight(path: str, tokenizer_config, dtype) -> dict:
 
 def diffusers_params(folder: str, model, init_args, dtype) -> dict:
     """Flax params of ``model`` from a diffusers folder, each tensor cast to ``dtype`` as it is assigned."""
-    from lavit_jax import diffusion
-    from lavit_jax.unet import diffusers_rule
+    from lavit_jax.inference import sampling as diffusion
+    from lavit_jax.models.unet import diffusers_rule
 
     shapes = W.param_shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), *init_args)["params"]))
     sd = diffusion.load_diffusers_state_dict(folder)
@@ -172,9 +172,10 @@ def convert_pixel_decoding(src: str, out: str, config, dtype: str, log, folder: 
 
     The UNet is stored in ``dtype``; the VAE always in float32 (LaVIT decodes in float32).
     """
-    from lavit_jax import diffusion, schedulers
-    from lavit_jax.unet import UNet2DConditionModel, load_unet_config
-    from lavit_jax.vae import AutoencoderKL, load_vae_config
+    from lavit_jax.inference import sampling as diffusion
+    from lavit_jax.inference import schedulers
+    from lavit_jax.models.unet import UNet2DConditionModel, load_unet_config
+    from lavit_jax.models.vae import AutoencoderKL, load_vae_config
 
     highres = DIFFUSION_FOLDERS[folder]
     p_src = os.path.join(src, folder)

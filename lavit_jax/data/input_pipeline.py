@@ -13,7 +13,7 @@ import grain
 import jax
 import numpy as np
 
-from lavit_jax.image_io import preprocess
+from lavit_jax.data.image_io import preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 

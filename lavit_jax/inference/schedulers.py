@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
-from lavit_jax.weights import load_json_config
+from lavit_jax.convert.torch_io import load_json_config
 
 KINDS = ("ddim", "euler", "euler_ancestral", "ddpm")
 _CLASS_KIND = {

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from lavit_jax.attention import dot_product_attention
-from lavit_jax.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
+from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
 
 
 def _dtype(name):

@@ -16,10 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from lavit_jax.codebook import Codebook
-from lavit_jax.eva_vit import EvaViT
-from lavit_jax.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
-from lavit_jax.token_decoder import TokenDecoder
+from lavit_jax.models.codebook import Codebook
+from lavit_jax.models.eva_vit import EvaViT
+from lavit_jax.models.token_decoder import TokenDecoder
+from lavit_jax.ops.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
 
 
 def masked_softmax(scores, mask, eps: float = 1e-6):
@@ -274,7 +274,7 @@ _FLAT_ATTENTION = ("token_causal_attn", "token_cross_attn", "patch_embed")
 def torch_key_to_flax(key: str, ndim: int):
     """Maps a reference key to (flax path, transform). ``blocks.3.x`` -> ``blocks_3/x``, Linear
     ``weight`` -> transposed ``kernel``, LayerNorm ``weight`` -> ``scale``, Conv -> HWIO ``kernel``."""
-    from lavit_jax import weights
+    from lavit_jax.convert import torch_io as weights
 
     parts: list[str] = []
     for p in key.split("."):
@@ -318,7 +318,7 @@ def _np_dtype(dtype):
 
 def tokenizer_param_shapes(config):
     """Flat {flax path: shape} of the DynamicVisualTokenizer params (no compute)."""
-    from lavit_jax import weights
+    from lavit_jax.convert import torch_io as weights
 
     model = DynamicVisualTokenizer(config)
     x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
@@ -327,7 +327,7 @@ def tokenizer_param_shapes(config):
 
 
 def decoder_param_shapes(config, highres: bool):
-    from lavit_jax import weights
+    from lavit_jax.convert import torch_io as weights
 
     n = (config.image_size // config.patch_size) ** 2
     model = TokenDecoder(config, highres)
@@ -347,7 +347,7 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
     """
     import os
 
-    from lavit_jax import weights
+    from lavit_jax.convert import torch_io as weights
 
     vt_dir = _visual_tokenizer_dir(ckpt_dir)
     shapes = tokenizer_param_shapes(config)
@@ -377,7 +377,7 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
 
 def load_token_decoder(path, config, highres: bool, dtype=None):
     """Flax params of TokenDecoder from ``tokenizer_decoder.bin`` / ``highres_tokenizer_decoder.bin``."""
-    from lavit_jax import weights
+    from lavit_jax.convert import torch_io as weights
 
     sd = weights.load_torch_file(path)
     return weights.assign_params(sd, released_key_rule(sd), decoder_param_shapes(config, highres), source=str(path),
@@ -409,7 +409,7 @@ class VisualTokenizer:
     """
 
     def __init__(self, config, params, decoder_params=None, mesh=None):
-        from lavit_jax import sharding
+        from lavit_jax.ops import sharding
 
         self.config = config
         self.model = DynamicVisualTokenizer(config)
@@ -438,7 +438,7 @@ class VisualTokenizer:
         return cls(config, params, dec, mesh)
 
     def _shard_batch(self, x):
-        from lavit_jax import sharding
+        from lavit_jax.ops import sharding
 
         if self.mesh is None:
             return x
@@ -457,7 +457,7 @@ class VisualTokenizer:
         return TokenDecoder(self.config, highres).apply({"params": params}, codes, lengths)
 
     def preprocess(self, images):
-        from lavit_jax.image_io import preprocess
+        from lavit_jax.data.image_io import preprocess
 
         return preprocess(images, self.config.image_size)
 
@@ -475,7 +475,7 @@ class VisualTokenizer:
 
     def ids_to_codes(self, ids, lengths):
         """LLM ids [B, N] (code + offset; no [IMG]/[/IMG]) -> codebook vectors [B, N, code_dim]."""
-        from lavit_jax.codebook import lookup
+        from lavit_jax.models.codebook import lookup
 
         codes = jnp.clip(jnp.asarray(ids) - self.config.code_offset, 0, self.config.n_code - 1)
         valid = jnp.arange(codes.shape[1])[None, :] < jnp.asarray(lengths)[:, None]

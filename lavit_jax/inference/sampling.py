@@ -27,16 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from lavit_jax import schedulers
-from lavit_jax.unet import UNet2DConditionModel, diffusers_rule, dummy_unet_inputs, load_unet_config
-from lavit_jax.vae import AutoencoderKL, decode_to_images, load_vae_config
-from lavit_jax.weights import (
+from lavit_jax.convert.torch_io import (
     WeightFileError,
     assign_params,
     index_shard_files,
     load_weight_file,
     param_shapes,
 )
+from lavit_jax.inference import schedulers
+from lavit_jax.models.unet import UNet2DConditionModel, diffusers_rule, dummy_unet_inputs, load_unet_config
+from lavit_jax.models.vae import AutoencoderKL, decode_to_images, load_vae_config
 
 # --------------------------------------------------------------------------------------------------
 # Conditions

@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavit_jax import diffusion
-from lavit_jax.codebook import lookup
-from lavit_jax.token_decoder import TokenDecoder
-from lavit_jax.weights import WeightFileError, load_weight_file
+from lavit_jax.convert.torch_io import WeightFileError, load_weight_file
+from lavit_jax.inference import sampling as diffusion
+from lavit_jax.models.codebook import lookup
+from lavit_jax.models.token_decoder import TokenDecoder
 
 DECODERS = ("lowres", "highres")
 # (pixel-decoding folder, token decoder file, default image size) per decoder.
@@ -81,7 +81,7 @@ class Detokenizer:
         """Loads a released LaVIT checkpoint folder: ``visual_tokenizer/`` (codebook from
         ``tokenizer_encoder.bin``, the token decoder) and ``pixel_decoding/`` or ``highres_pixel_decoding/``.
         """
-        from lavit_jax.tokenizer import load_token_decoder
+        from lavit_jax.models.tokenizer import load_token_decoder
 
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r} is not one of {DECODERS}")
