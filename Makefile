@@ -17,8 +17,14 @@ $(STAMP): requirements.txt requirements-test.txt
 
 env: $(STAMP)
 
-demo: $(STAMP)
-	$(VENV)/bin/python -m lavit_jax.demo
+DEMO_CKPT := out/tiny_converted
+
+$(DEMO_CKPT)/lavit.json: | $(STAMP)
+	$(VENV)/bin/python tools/convert_torch_weights.py --src ../shared/fixtures/image_tokenizer_tiny/checkpoint \
+		--out $(DEMO_CKPT) --config configs/tiny.py --dtype f32
+
+demo: $(STAMP) $(DEMO_CKPT)/lavit.json
+	$(VENV)/bin/python -m lavit_jax.demo --checkpoint $(DEMO_CKPT)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

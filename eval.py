@@ -23,26 +23,25 @@ from ml_collections import config_flags
 def define_flags():
     """Command-line flags (defined only when run as a script, so eval.py can be imported)."""
     config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
-    flags.DEFINE_string("checkpoint", None, "Released, converted or train.py checkpoint directory.")
+    flags.DEFINE_string("checkpoint", None, "Converted (tools/convert_torch_weights.py) or train.py checkpoint dir.")
     flags.DEFINE_string("data_dir", None, "Image folder (or synthetic:N).")
     flags.DEFINE_integer("limit", 256, "At most this many images.")
     flags.DEFINE_integer("batch_size", 8, "Batch size.")
 
 
 def load_params(config, ckpt):
-    """(tokenizer params, stage-1 decoder params or None) from any supported checkpoint directory."""
-    from lavit_jax.models import tokenizer as T
+    """(tokenizer params, stage-1 decoder params or None) from a converted or a train.py checkpoint directory."""
+    from lavit_jax import checkpoint
 
-    if os.path.isfile(os.path.join(ckpt, "lavit.json")):
-        return T.load_converted(ckpt).params, None
-    if os.path.isdir(os.path.join(ckpt, "visual_tokenizer")):
-        return T.load_visual_tokenizer(ckpt, config.tokenizer), None
+    if os.path.isfile(os.path.join(ckpt, checkpoint.MANIFEST)):
+        return checkpoint.load_visual_tokenizer(ckpt, scan_layers=config.tokenizer.scan_layers).params, None
     import orbax.checkpoint as ocp
 
     mgr = ocp.CheckpointManager(os.path.abspath(ckpt))
     step = mgr.latest_step()
     if step is None:
-        raise FileNotFoundError(f"--checkpoint {ckpt}: no visual_tokenizer/, lavit.json or train.py checkpoint")
+        raise FileNotFoundError(f"--checkpoint {ckpt}: neither a converted checkpoint (lavit.json) nor a train.py "
+                                "workdir (convert released weights with tools/convert_torch_weights.py)")
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     return state["params"]["tokenizer"], state["params"]["decoder"]
 
@@ -51,9 +50,10 @@ def evaluate(config, ckpt, data_dir, limit=256, batch_size=8):
     from lavit_jax.data.input_pipeline import image_batches
     from lavit_jax.models.token_decoder import TokenDecoder
     from lavit_jax.models.tokenizer import DynamicVisualTokenizer
+    from lavit_jax.ops.config import freeze
     from lavit_jax.train import tokenizer as st
 
-    tc = config.tokenizer
+    tc = freeze(config.tokenizer)
     params, dec = load_params(config, ckpt)
     model = DynamicVisualTokenizer(tc)
 

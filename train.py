@@ -2,7 +2,7 @@
 
     python train.py --config configs/tiny.py [--config.train.steps=100] [--config.train.data_dir=DIR]
     python train.py --config configs/lavit_7b.py --config.train.data_dir=/data/images \\
-        --config.train.init_from=/ckpt/LaVIT-7B-v2 --config.mesh_shape='(-1,1,1)'
+        --config.train.init_from=/ckpt/LaVIT-7B-v2-converted --config.mesh_shape='(-1,1,1)'
 
 Sharded with jit over a (data, fsdp, tensor) mesh: params by the logical-axis rules, the batch over
 data+fsdp. Orbax checkpoints (params, optimizer, EMA codebook, RNG and the Grain iterator state) every
@@ -34,16 +34,17 @@ def define_flags():
 
 
 def load_init(config, params):
-    """Overwrites the tokenizer part of ``params`` with a released or converted checkpoint."""
-    from lavit_jax.models import tokenizer as T
+    """Overwrites the tokenizer part of ``params`` with a converted checkpoint (tools/convert_torch_weights.py)."""
+    from lavit_jax import checkpoint
 
     src = config.train.init_from
     if not src:
         return params
-    if os.path.isfile(os.path.join(src, "lavit.json")):
-        loaded = T.load_converted(src).params
-    else:
-        loaded = T.load_visual_tokenizer(src, config.tokenizer)
+    if not os.path.isfile(os.path.join(src, checkpoint.MANIFEST)):
+        raise FileNotFoundError(f"config train.init_from={src!r} is not a converted checkpoint (no "
+                                f"{checkpoint.MANIFEST}); convert the released weights with "
+                                "tools/convert_torch_weights.py")
+    loaded = checkpoint.load_visual_tokenizer(src, scan_layers=config.tokenizer.scan_layers).params
     params = dict(params)
     # vit_proj (the understanding projector) is not part of stage 1.
     loaded = {k: v for k, v in loaded.items() if k in params["tokenizer"]}

@@ -127,7 +127,7 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backend = jax.default_backend()
-    small = llama.llama_config_from_hf(dict(
+    small = llama.llama_config(dict(
         vocab_size=48386, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.6875),
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
         max_position_embeddings=2048))
@@ -138,7 +138,7 @@ def main():
     if backend == "gpu" and not args.skip_7b:
         kind = jax.devices()[0].device_kind
         bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), None)
-        big = llama.llama_config_from_hf(dict(vocab_size=48386, hidden_size=4096, intermediate_size=11008,
+        big = llama.llama_config(dict(vocab_size=48386, hidden_size=4096, intermediate_size=11008,
                                               num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32))
         big.dtype = big.param_dtype = "bfloat16"
         big.attention_impl = "auto"

@@ -24,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from configs.lavit_7b import tokenizer_config  # noqa: E402
 from lavit_jax.models import tokenizer as T  # noqa: E402
+from lavit_jax.ops.config import freeze  # noqa: E402
 
 
 def main():
@@ -39,7 +40,7 @@ def main():
     cfg = tokenizer_config()
     cfg.eva_depth, cfg.merger_depth, cfg.dtype = args.eva_depth, args.merger_depth, args.dtype
     cfg.attention_impl = "auto"
-    model = T.DynamicVisualTokenizer(cfg)
+    model = T.DynamicVisualTokenizer(freeze(cfg))
     x0 = jnp.zeros((1, 224, 224, 3), jnp.float32)
     params = jax.jit(lambda k: model.init(k, x0))(jax.random.key(0))["params"]
     from flax.core import meta

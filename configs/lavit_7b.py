@@ -1,4 +1,4 @@
-"""LaVIT-7B: the released model's numbers (DESIGN.md).
+"""LaVIT-7B: the released model's numbers.
 
 Run:  python -m lavit_jax caption IMAGE --checkpoint CONVERTED_DIR --config configs/lavit_7b.py
 """
@@ -34,10 +34,6 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.unet_dim_lowres = 768
     c.unet_dims_highres = (768, 1280)
     c.pooled_dim = 1280
-    # LLM vocabulary layout.
-    c.image_start_id = 32000
-    c.image_end_id = 32001
-    c.code_offset = 32002
     # Keep decisions: 'argmax' (deterministic) or 'gumbel' (hard sample, as the reference).
     c.keep_mode = "argmax"
     c.target_keep_ratio = 1 / 3
@@ -45,7 +41,8 @@ def tokenizer_config() -> ml_collections.ConfigDict:
     c.dtype = "float32"
     c.param_dtype = "float32"
     c.attention_impl = "xla"
-    c.remat = "none"
+    c.remat = "none"  # lavit_jax.ops.remat policy name
+    c.scan_layers = True  # repeated blocks under nn.scan
     return c
 
 
@@ -63,6 +60,8 @@ def llm_config() -> ml_collections.ConfigDict:
     c.rope_scaling = None
     c.tie_word_embeddings = False
     c.max_position_embeddings = 2048
+    c.scan_layers = True
+    c.remat = "none"
     return c
 
 
@@ -97,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.tokenizer = tokenizer_config()
     config.llm = llm_config()
     config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor)
-    config.logical_axis_rules = None  # None: lavit_jax.sharding.DEFAULT_RULES
+    config.logical_axis_rules = None  # None: lavit_jax.ops.sharding.DEFAULT_RULES
     config.checkpoint = ""
     config.train = train_config()
     return config

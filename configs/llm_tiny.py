@@ -1,14 +1,14 @@
 """A tiny LLaMA config (HF field names) for tests, CPU benchmarks and smoke runs.
 
 Vocabulary laid out as LaVIT's: 32000 text ids, [IMG] = 32000, [/IMG] = 32001, then 64 visual codes.
-Usage: ``from configs.llm_tiny import get_config; cfg = get_config()`` (a ``ml_collections.ConfigDict``).
+Usage: ``from configs.llm_tiny import get_config; cfg = get_config()`` (a frozen ``ml_collections.FrozenConfigDict``).
 """
 
-from lavit_jax.models.llama import llama_config_from_hf
+from lavit_jax.models.llama import llama_config
 
 
 def get_config():
-    return llama_config_from_hf(
+    return llama_config(
         dict(
             vocab_size=32002 + 64,
             hidden_size=64,

@@ -17,6 +17,8 @@ import argparse
 import os
 import sys
 
+from lavit_jax.inference import defaults
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m lavit_jax", description=__doc__,
@@ -29,22 +31,22 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default=None, help="compute dtype (default: the stored dtype)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    def image_out(sp, steps, guidance):
+    def image_out(sp, task):
         sp.add_argument("--out", required=True, help="output image file (.png)")
         sp.add_argument("--decoder", choices=("lowres", "highres"), default=None,
                         help="pixel decoder (default highres when converted, else lowres)")
-        sp.add_argument("--steps", type=int, default=steps, help="diffusion steps")
-        sp.add_argument("--guidance", type=float, default=guidance, help="decoder classifier-free guidance")
+        sp.add_argument("--steps", type=int, default=task.steps, help="diffusion steps")
+        sp.add_argument("--guidance", type=float, default=task.guidance, help="decoder classifier-free guidance")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 / 1024)")
         sp.add_argument("--ids-out", default=None, help="also save the visual ids [B, N] (.npy) here")
 
-    def sampling(sp, llm_guidance):
-        sp.add_argument("--llm-guidance", type=float, default=llm_guidance, help="LLM classifier-free guidance")
-        sp.add_argument("--top-k", type=int, default=50)
-        sp.add_argument("--top-p", type=float, default=1.0)
-        sp.add_argument("--min-new-tokens", type=int, default=20)
-        sp.add_argument("--max-new-tokens", type=int, default=200)
+    def sampling(sp, task):
+        sp.add_argument("--llm-guidance", type=float, default=task.llm_guidance, help="LLM classifier-free guidance")
+        sp.add_argument("--top-k", type=int, default=task.top_k)
+        sp.add_argument("--top-p", type=float, default=task.top_p)
+        sp.add_argument("--min-new-tokens", type=int, default=task.min_new_tokens)
+        sp.add_argument("--max-new-tokens", type=int, default=task.max_new_tokens)
 
     sp = sub.add_parser("caption", help="caption an image")
     sp.add_argument("image")
@@ -56,18 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("text2image", help="generate an image from a text prompt")
     sp.add_argument("prompt")
     common(sp)
-    image_out(sp, 25, 7.0)
-    sampling(sp, 4.0)
+    image_out(sp, defaults.TEXT2IMAGE)
+    sampling(sp, defaults.TEXT2IMAGE)
     sp = sub.add_parser("edit", help="generate an image from an image + text prompt")
     sp.add_argument("image")
     sp.add_argument("prompt")
     common(sp)
-    image_out(sp, 25, 7.0)
-    sampling(sp, 5.0)
+    image_out(sp, defaults.EDIT)
+    sampling(sp, defaults.EDIT)
     sp = sub.add_parser("reconstruct", help="tokenize an image and decode its visual tokens back to pixels")
     sp.add_argument("image")
     common(sp)
-    image_out(sp, 50, 5.0)
+    image_out(sp, defaults.RECONSTRUCT)
     return p
 
 
@@ -130,11 +132,9 @@ def run(args) -> None:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from lavit_jax.convert.torch_io import WeightFileError
-
     try:
         run(args)
-    except (OSError, ValueError, KeyError, WeightFileError) as e:
+    except (OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
         return 2

@@ -1,13 +1,17 @@
-"""Converted checkpoints: Orbax param trees plus config files, written atomically.
+"""Converted checkpoints: the one module that knows their layout, end to end (the runtime reads only these).
 
-Layout of a converted directory (``tools/convert_torch_weights.py`` writes it, ``LaVIT.from_pretrained``
-and the loaders here read it)::
+Layout of a converted directory (``tools/convert_torch_weights.py`` writes it; ``LaVIT.from_pretrained``,
+``train.py`` and ``eval.py`` read it through the loaders here)::
 
-    OUT/lavit.json                       parts present, dtype, tokenizer config
+    OUT/lavit.json                       parts present, dtype, tokenizer config, layer layout
     OUT/visual_tokenizer/{tokenizer,lowres_decoder,highres_decoder}/   Orbax trees
-    OUT/language_model/{params/, config.json, tokenizer.model}
-    OUT/pixel_decoding/{unet/, vae/, *config.json, scheduler_config.json, uncond_embeddings.npy}
-    OUT/highres_pixel_decoding/{unet/, vae/, *config.json, scheduler_config.json}
+    OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model}
+    OUT/pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json,
+                        uncond_embeddings.npy}
+    OUT/highres_pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json}
+
+Repeated layers are stored stacked (the scanned layout, ``"layers": "stacked"`` in the manifest); a
+model built with ``scan_layers=False`` gets them unstacked at load time.
 
 A directory is complete only when ``lavit.json`` exists: it is written last, into a temporary
 sibling directory that is renamed into place, so a failed run never leaves an output that looks
@@ -22,13 +26,35 @@ import os
 import shutil
 import tempfile
 
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from lavit_jax.data.text_tokenizer import load_text_tokenizer
+from lavit_jax.inference import schedulers
+from lavit_jax.inference.detokenizer import Detokenizer
+from lavit_jax.inference.sampling import DiffusionPipeline
+from lavit_jax.inference.visual_tokenizer import VisualTokenizer
+from lavit_jax.models import llama, unet, vae
+from lavit_jax.models.token_decoder import DECODER_STACKS
+from lavit_jax.models.tokenizer import TOKENIZER_STACKS
+from lavit_jax.ops import scan
+from lavit_jax.ops.config import freeze
+
 MANIFEST = "lavit.json"
+FORMAT = "lavit-jax/1"
+# Diffusion decoders: name -> converted (and released) folder.
+DECODER_FOLDERS = {"lowres": "pixel_decoding", "highres": "highres_pixel_decoding"}
+
+
+class CheckpointPartError(FileNotFoundError):
+    """The converted checkpoint lacks a part a task needs."""
 
 
 def save_tree(path: str, tree) -> None:
     """Saves a pytree of arrays with Orbax (synchronously)."""
-    import orbax.checkpoint as ocp
-
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(path), tree)
     ckptr.wait_until_finished()
@@ -36,8 +62,6 @@ def save_tree(path: str, tree) -> None:
 
 def load_tree(path: str):
     """Restores a pytree saved by ``save_tree`` (numpy arrays on the host)."""
-    import orbax.checkpoint as ocp
-
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"converted checkpoint part not found: {path}")
@@ -75,3 +99,150 @@ def atomic_output_dir(out_dir: str, overwrite: bool = False):
     os.rename(tmp, out_dir)
     if old:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ config files
+
+
+def load_json_config(path, filename: str, parse, what: str):
+    """Reads ``filename`` inside folder ``path`` (or the file ``path``) and returns ``parse(dict)``.
+
+    A missing file, invalid JSON or a value ``parse`` rejects (ValueError) gives an error naming the file.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        path = os.path.join(path, filename)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path) as f:
+        try:
+            return parse(json.load(f))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from e
+
+
+def read_unet_config(path) -> ml_collections.FrozenConfigDict:
+    """A diffusers-style UNet ``config.json`` (a file or its folder)."""
+    return load_json_config(path, "config.json", unet.unet_config, "UNet config")
+
+
+def read_vae_config(path) -> ml_collections.FrozenConfigDict:
+    """A diffusers-style VAE ``config.json`` (a file or its folder)."""
+    return load_json_config(path, "config.json", vae.vae_config, "VAE config")
+
+
+def read_scheduler_config(path, kind: str | None = None) -> ml_collections.FrozenConfigDict:
+    """A diffusers-style ``scheduler_config.json`` (a file or its folder)."""
+    return load_json_config(path, "scheduler_config.json", lambda d: schedulers.scheduler_config(d, kind),
+                            "scheduler config")
+
+
+def read_llama_config(path, **runtime) -> ml_collections.FrozenConfigDict:
+    """An HF LLaMA ``config.json`` (a file or its folder) plus run-time knobs (``llama.llama_config``)."""
+    return load_json_config(path, "config.json", lambda d: llama.llama_config(d, os.fspath(path), **runtime),
+                            "LLaMA config")
+
+
+def to_device(tree, dtype=None):
+    """numpy tree -> jax arrays (optionally cast to ``dtype``)."""
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+
+
+# ------------------------------------------------------------------------------------------ parts
+
+
+def part_entry(ckpt_dir: str, part: str, task: str = "this task", manifest: dict | None = None) -> dict:
+    """The manifest entry of ``part``; a ``CheckpointPartError`` naming the part and the task if absent."""
+    manifest = manifest if manifest is not None else read_manifest(ckpt_dir)
+    entry = manifest.get("parts", {}).get(part)
+    if entry is None:
+        have = ", ".join(manifest.get("parts", {})) or "none"
+        raise CheckpointPartError(f"checkpoint {ckpt_dir} has no {part}/ part, needed for {task} "
+                                  f"(converted parts: {have})")
+    return entry
+
+
+def tokenizer_config(ckpt_dir: str, **runtime) -> ml_collections.FrozenConfigDict:
+    """The converted visual tokenizer's config with run-time overrides (dtype, attention_impl, remat, scan_layers)."""
+    cfg = dict(part_entry(ckpt_dir, "visual_tokenizer", "the visual tokenizer")["config"])
+    cfg["unet_dims_highres"] = tuple(cfg["unet_dims_highres"])
+    cfg.setdefault("scan_layers", True)
+    cfg.setdefault("remat", "none")
+    return freeze(cfg, **runtime)
+
+
+def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=None, **runtime) -> VisualTokenizer:
+    """The converted visual tokenizer with its token decoders.
+
+    ``understanding`` lays the stage-2 merger + projector (``language_model/visual_weight``) over the
+    tokenizer params, as the reference does for image understanding.
+    """
+    config = tokenizer_config(ckpt_dir, **runtime)
+    entry = part_entry(ckpt_dir, "visual_tokenizer", "the visual tokenizer")
+    root = os.path.join(ckpt_dir, "visual_tokenizer")
+    params = scan.relayout(load_tree(os.path.join(root, "tokenizer")), TOKENIZER_STACKS, config.scan_layers)
+    if understanding and part_entry(ckpt_dir, "language_model", "image understanding").get("visual_weight"):
+        over = load_tree(os.path.join(ckpt_dir, "language_model", "visual_weight"))
+        params = _merge(params, scan.relayout(over, TOKENIZER_STACKS, config.scan_layers))
+    dec = {name: scan.relayout(load_tree(os.path.join(root, f"{name}_decoder")), DECODER_STACKS, config.scan_layers)
+           for name in DECODER_FOLDERS if f"{name}_decoder" in entry["files"]}
+    return VisualTokenizer(config, params, dec, mesh)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
+    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM."""
+    entry = part_entry(ckpt_dir, "language_model", "the language model")
+    root = os.path.join(ckpt_dir, "language_model")
+    dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
+    cfg = llama.llama_config(entry["config"], os.path.join(root, "config.json"),
+                             **{"dtype": dtype.name, "param_dtype": dtype.name, **runtime})
+    params = scan.relayout(load_tree(os.path.join(root, "params")), llama.LLAMA_STACKS, cfg.scan_layers)
+    return llama.LlamaForCausalLM(cfg), to_device(params, dtype), load_text_tokenizer(root)
+
+
+def available_decoders(ckpt_dir: str) -> list[str]:
+    """Decoders whose token decoder and diffusion folder were both converted."""
+    manifest = read_manifest(ckpt_dir)
+    parts = manifest.get("parts", {})
+    vt = parts.get("visual_tokenizer", {})
+    return [d for d, folder in DECODER_FOLDERS.items() if folder in parts and f"{d}_decoder" in vt.get("files", [])]
+
+
+def load_pipeline(ckpt_dir: str, decoder: str, *, dtype=None, attention_impl: str | None = "xla",
+                  scheduler_kind: str = "ddim") -> DiffusionPipeline:
+    """The converted UNet (``dtype``, default: stored) + float32 VAE + scheduler of ``decoder``."""
+    folder = DECODER_FOLDERS[decoder]
+    part_entry(ckpt_dir, folder, f"image decoding with the {decoder} decoder")
+    root = os.path.join(ckpt_dir, folder)
+    dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
+    unet_cfg = read_unet_config(os.path.join(root, "unet_config.json"))
+    vae_cfg = read_vae_config(os.path.join(root, "vae_config.json"))
+    sched = read_scheduler_config(os.path.join(root, "scheduler_config.json"), kind=scheduler_kind)
+    model = unet.UNet2DConditionModel(unet_cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
+    return DiffusionPipeline(unet_params=to_device(load_tree(os.path.join(root, "unet")), dtype),
+                             vae_params=to_device(load_tree(os.path.join(root, "vae")), jnp.float32),
+                             unet=model, vae=vae.AutoencoderKL(vae_cfg), scheduler_config=sched)
+
+
+def load_detokenizer(ckpt_dir: str, decoder: str, *, tokenizer: VisualTokenizer | None = None, dtype=None,
+                     attention_impl: str | None = "xla") -> Detokenizer:
+    """Token decoder + diffusion pipeline of ``decoder`` ('lowres' SD-1.5 or 'highres' SDXL)."""
+    if decoder not in DECODER_FOLDERS:
+        raise ValueError(f"decoder {decoder!r} is not one of {tuple(DECODER_FOLDERS)}")
+    vt = tokenizer or load_visual_tokenizer(ckpt_dir)
+    if decoder not in vt.decoder_params:
+        name = "highres_tokenizer_decoder.bin" if decoder == "highres" else "tokenizer_decoder.bin"
+        raise CheckpointPartError(f"checkpoint {ckpt_dir} has no {decoder} token decoder "
+                                  f"(visual_tokenizer/{name} was not converted)")
+    pipe = load_pipeline(ckpt_dir, decoder, dtype=dtype, attention_impl=attention_impl)
+    uncond = None
+    if decoder == "lowres":
+        uncond = np.load(os.path.join(ckpt_dir, DECODER_FOLDERS[decoder], "uncond_embeddings.npy"))
+    return Detokenizer(vt.config, vt.params["quantize"]["embedding"], vt.decoder_params[decoder], pipe, decoder, uncond)

@@ -1,6 +1,8 @@
-"""``make demo``: tokenize an image with the tiny fixture checkpoint and reconstruct its condition.
+"""``make demo``: tokenize an image with the tiny converted fixture checkpoint and decode its condition.
 
-    python -m lavit_jax.demo [--config configs/tiny.py] [--image PATH] [--config.checkpoint DIR]
+    python -m lavit_jax.demo --checkpoint out/tiny_converted [--image PATH] [--seed S]
+
+(``make demo`` first converts the tiny parity fixture with ``tools/convert_torch_weights.py``.)
 
 Prints the LLM ids of the image ([IMG] codes [/IMG]) and the shapes/statistics of the low-res and
 high-res diffusion conditions decoded back from those ids (image -> ids -> condition).
@@ -13,10 +15,10 @@ import sys
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
-_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "tiny.py"), "Config file.")
+from lavit_jax import checkpoint
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "out/tiny_converted", "Converted checkpoint directory.")
 _IMAGE = flags.DEFINE_string("image", None, "Image to tokenize (default: a synthetic test pattern).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for the gumbel keep mode.")
 
@@ -31,22 +33,18 @@ def test_pattern(size: int = 256) -> np.ndarray:
 
 def main(argv):
     del argv
-    from lavit_jax.models.tokenizer import VisualTokenizer
-
-    config = _CONFIG.value
-    ckpt = config.checkpoint
-    if not os.path.isabs(ckpt):
-        ckpt = os.path.normpath(os.path.join(_REPO, ckpt))
+    ckpt = os.path.abspath(_CHECKPOINT.value)
     if not os.path.isdir(ckpt):
-        sys.exit(f"checkpoint directory not found: {ckpt} (set --config.checkpoint)")
+        sys.exit(f"checkpoint directory not found: {ckpt} (pass --checkpoint)")
     image = _IMAGE.value if _IMAGE.value else test_pattern()
-    vt = VisualTokenizer.from_released(ckpt, config.tokenizer)
+    vt = checkpoint.load_visual_tokenizer(ckpt)
+    config = vt.config
     ids, lengths = vt.tokenize(image, add_special=True, seed=_SEED.value)
     n = int(lengths[0])
     row = np.asarray(ids[0, :n])
     print(f"image: {_IMAGE.value or 'synthetic test pattern'}")
     print(f"checkpoint: {ckpt}")
-    print(f"kept {n - 2} of {(config.tokenizer.image_size // config.tokenizer.patch_size) ** 2} patches")
+    print(f"kept {n - 2} of {(config.image_size // config.patch_size) ** 2} patches")
     print("ids:", " ".join(str(int(i)) for i in row))
     codes, code_lengths = ids[:, 1:-1], lengths - 2
     for highres in (False, True):

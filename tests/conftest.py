@@ -24,3 +24,13 @@ def fixture_dirs() -> list[pathlib.Path]:
         return [pathlib.Path(p) for p in env.split(":") if p]
     root = SHARED / "fixtures"
     return sorted(p for p in root.iterdir() if (p / "io.npz").is_file()) if root.is_dir() else []
+
+
+def video_fixture_dirs() -> list[pathlib.Path]:
+    """Video-LaVIT fixture sets: every ../shared/fixtures/video/* with io.npz, plus $LAVIT_VIDEO_FIXTURES
+    (colon-separated directories)."""
+    root = SHARED / "fixtures" / "video"
+    dirs = sorted(p for p in root.iterdir() if (p / "io.npz").is_file()) if root.is_dir() else []
+    env = os.environ.get("LAVIT_VIDEO_FIXTURES", "")
+    dirs += [pathlib.Path(p) for p in env.split(":") if p and pathlib.Path(p) not in dirs]
+    return dirs

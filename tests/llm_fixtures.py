@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import transformers
 
+from lavit_jax.convert import llama as CL
 from lavit_jax.models import llama
 
 VOCAB = 32002 + 64
@@ -73,7 +74,7 @@ def save_hf(model, directory, safetensors=True, shard="200KB") -> str:
 
 
 def load_flax(directory, dtype=jnp.float32):
-    params, cfg = llama.load_hf_llama(directory, dtype=dtype)
+    params, cfg = CL.load_hf_llama(directory, dtype=dtype)
     return llama.LlamaForCausalLM(cfg), params
 
 

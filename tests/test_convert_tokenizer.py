@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from lavit_jax import checkpoint
-from lavit_jax.models import tokenizer as T
+from lavit_jax.convert import tokenizer as CT
+from tests import tokenizer_fixture as tfx
 from tests.conftest import REPO, SHARED
 from tools import convert_torch_weights as conv
 
@@ -33,9 +34,9 @@ def test_convert_roundtrip_and_source_untouched(src, tmp_path):
     out = tmp_path / "converted"
     assert conv.main(["--src", str(src), "--out", str(out), "--config", TINY, "--dtype", "f32"]) == 0
     assert _digest(src) == before
-    vt = T.load_converted(str(out))
-    cfg = T.config_from_fixture(FIX / "config.json")
-    direct = T.load_visual_tokenizer(src, cfg)
+    vt = checkpoint.load_visual_tokenizer(str(out))
+    cfg = tfx.config_from_fixture(FIX / "config.json")
+    direct = CT.load_visual_tokenizer(src, cfg)
     for a, b in zip(jax.tree.leaves(vt.params), jax.tree.leaves(direct), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)
     assert set(vt.decoder_params) == {"lowres", "highres"}
@@ -49,7 +50,7 @@ def test_convert_roundtrip_and_source_untouched(src, tmp_path):
     # bf16 storage
     out16 = tmp_path / "bf16"
     assert conv.main(["--src", str(src), "--out", str(out16), "--config", TINY, "--dtype", "bf16"]) == 0
-    assert str(jax.tree.leaves(T.load_converted(str(out16)).params)[0].dtype) == "bfloat16"
+    assert str(jax.tree.leaves(checkpoint.load_visual_tokenizer(str(out16)).params)[0].dtype) == "bfloat16"
 
 
 def test_partial_source_converts_what_is_there(src, tmp_path, capsys):
@@ -59,7 +60,7 @@ def test_partial_source_converts_what_is_there(src, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "highres_tokenizer_decoder.bin absent" in text
     assert "language_model" in text or "visual_tokenizer" in text
-    assert set(T.load_converted(str(out)).decoder_params) == {"lowres"}
+    assert set(checkpoint.load_visual_tokenizer(str(out)).decoder_params) == {"lowres"}
 
 
 def test_failed_conversion_leaves_no_output(src, tmp_path, capsys):

@@ -18,13 +18,15 @@ from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers import UNet2DConditionModel as TorchUNet
 
 from configs import tiny
+from lavit_jax.convert import diffusers as CD
+from lavit_jax.convert import tokenizer as CT
 from lavit_jax.inference import sampling as diffusion
 from lavit_jax.inference import schedulers
-from lavit_jax.inference.detokenizer import Detokenizer, load_codebook
+from lavit_jax.inference.detokenizer import Detokenizer
 from lavit_jax.models import unet as U
 from lavit_jax.models import vae as V
 from lavit_jax.models.token_decoder import TokenDecoder
-from lavit_jax.models.tokenizer import load_token_decoder
+from tests import tokenizer_fixture as tfx
 
 FIXTURE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "image_tokenizer_tiny"
 VT = FIXTURE / "checkpoint" / "visual_tokenizer"
@@ -78,12 +80,12 @@ def tok_config():
 
 def reference_condition(tok_config, highres):
     """Independent ids -> condition: numpy rows of the stored codebook, then the fixture TokenDecoder."""
-    codebook = load_codebook(VT / "tokenizer_encoder.bin")
+    codebook = CT.load_codebook(VT / "tokenizer_encoder.bin")
     codes = np.zeros(IDS.shape + (codebook.shape[1],), np.float32)
     for b in range(2):
         codes[b, : LENGTHS[b]] = codebook[IDS[b, : LENGTHS[b]] - 32002]
     name = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
-    params = load_token_decoder(VT / name, tok_config, highres)
+    params = CT.load_token_decoder(VT / name, tok_config, highres)
     out = TokenDecoder(tok_config, highres).apply({"params": params}, jnp.asarray(codes), jnp.asarray(LENGTHS))
     return jax.tree.map(lambda a: torch.tensor(np.asarray(a)), out)
 
@@ -135,8 +137,11 @@ def test_lowres_detokenizer_from_released_folder_matches_reference(tok_config, t
     uncond = torch.randn(1, 7, 48, generator=torch.Generator().manual_seed(5))
     torch.save(uncond, ckpt / "pixel_decoding" / "uncond_embeddings.bin")
 
-    detok = Detokenizer.from_released(ckpt, tok_config, "lowres", dtype=jnp.float32, attention_impl="xla")
-    assert detok.default_size == 512 and detok.pipeline.scheduler_config.kind == "ddim"
+    detok = tfx.released_detokenizer(ckpt, tok_config, "lowres", dtype=jnp.float32, attention_impl="xla")
+    # the default image size follows the checkpoint: UNet sample_size x VAE downsampling factor
+    vae_factor = 2 ** (len(VAE_TINY["block_out_channels"]) - 1)
+    assert detok.default_size == UNET_LOWRES["sample_size"] * vae_factor
+    assert detok.pipeline.scheduler_config.kind == "ddim"
     noise = noise_nhwc(0)
     images, latents = detok.generate(IDS, LENGTHS, steps=STEPS, guidance=GUIDANCE, size=16, noise=noise)
 
@@ -163,9 +168,9 @@ def highres_parts(tok_config):
     unet = U.UNet2DConditionModel(unet_cfg, attention_impl="xla")
     vae = V.AutoencoderKL(vae_cfg)
     sd = {k: v.numpy() for k, v in unet_t.state_dict().items()}
-    unet_params = diffusion.params_from_state_dict(unet, diffusion.unet_init_args(unet_cfg), sd, source="unet")
+    unet_params = CD.params_from_state_dict(unet, U.example_inputs(unet_cfg), sd, source="unet")
     sd = {k: v.numpy() for k, v in vae_t.state_dict().items()}
-    vae_params = diffusion.params_from_state_dict(vae, diffusion.vae_init_args(vae_cfg), sd, source="vae")
+    vae_params = CD.params_from_state_dict(vae, V.example_inputs(vae_cfg), sd, source="vae")
     return unet_t, vae_t, unet, unet_params, vae, vae_params
 
 
@@ -176,8 +181,8 @@ def test_highres_detokenizer_euler_with_progress_matches_reference(tok_config, h
     euler_cfg = {**SCHED, "timestep_spacing": "leading", "_class_name": "EulerDiscreteScheduler"}
     pipe = diffusion.DiffusionPipeline(unet_params=unet_params, vae_params=vae_params, unet=unet, vae=vae,
                                        scheduler_config=schedulers.scheduler_config(euler_cfg))
-    codebook = load_codebook(VT / "tokenizer_encoder.bin")
-    dec_params = load_token_decoder(VT / "highres_tokenizer_decoder.bin", tok_config, True)
+    codebook = CT.load_codebook(VT / "tokenizer_encoder.bin")
+    dec_params = CT.load_token_decoder(VT / "highres_tokenizer_decoder.bin", tok_config, True)
     detok = Detokenizer(tok_config, codebook, dec_params, pipe, "highres")
     noise = noise_nhwc(1)
     images, latents = detok.generate(IDS, LENGTHS, steps=STEPS, guidance=GUIDANCE, noise=noise, progress=True)
@@ -204,5 +209,5 @@ def test_conditions_and_errors():
     hi = diffusion.highres_condition(jnp.ones((1, 5, 8)), jnp.ones((1, 3)), 1024, 768, original_size=(512, 512))
     np.testing.assert_array_equal(np.asarray(hi.time_ids), [[512, 512, 0, 0, 1024, 768]] * 2)
     assert float(jnp.abs(hi.context[0]).max()) == 0.0 and float(jnp.abs(hi.text_embeds[0]).max()) == 0.0
-    with pytest.raises(diffusion.WeightFileError, match="no weights"):
-        diffusion.load_diffusers_state_dict(pathlib.Path(__file__).parent)
+    with pytest.raises(CD.torch_io.WeightFileError, match="no weights"):
+        CD.load_diffusers_state_dict(pathlib.Path(__file__).parent)

@@ -11,6 +11,8 @@ import hashlib
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +24,18 @@ from PIL import Image
 
 from lavit_jax import __main__ as cli
 from lavit_jax import checkpoint
+from lavit_jax.convert import tokenizer as CT
+from lavit_jax.convert import verify as verify_conversion
 from lavit_jax.data.text_tokenizer import load_text_tokenizer
 from lavit_jax.inference import llm_tasks
-from lavit_jax.inference.detokenizer import load_codebook
 from lavit_jax.inference.lavit import CheckpointPartError, LaVIT
-from lavit_jax.models import tokenizer as T
 from lavit_jax.models.token_decoder import TokenDecoder
+from tests import tokenizer_fixture as tfx
 from tests.conftest import REPO
 from tests.released_fixture import LLM_VOCAB, build_released
 from tests.test_diffusion import GUIDANCE, STEPS, torch_reference
 from tests.test_llm_tasks import _reference_understanding
 from tools import convert_torch_weights as conv
-from tools import verify_conversion
 
 TINY = str(REPO / "configs" / "tiny.py")
 SIZE, SEED = 16, 0
@@ -61,7 +63,7 @@ def env(tmp_path_factory):
     img = np.stack([np.sin(6 * x) * 0.5 + 0.5, np.cos(5 * y) * 0.5 + 0.5, (x * y) ** 0.5], -1)
     img[16:32, 16:32] = (1.0, 0.2, 0.1)
     Image.fromarray((img * 255).astype(np.uint8)).save(base / "img.png")
-    tok_cfg = T.load_converted(str(out)).config
+    tok_cfg = checkpoint.load_visual_tokenizer(str(out)).config
     return dict(rel=rel, out=out, log=log, img=base / "img.png", base=base, tok_cfg=tok_cfg,
                 text=load_text_tokenizer(rel.root / "language_model"))
 
@@ -79,11 +81,11 @@ def reference_image(env, ids, decoder, seed=SEED):
     """LaVIT's decoding loop in PyTorch (diffusers UNet/VAE/DDIM) on ids [1, N] (LLM space)."""
     rel, root, cfg = env["rel"], env["rel"].root, env["tok_cfg"]
     highres = decoder == "highres"
-    codebook = load_codebook(root / "visual_tokenizer" / "tokenizer_encoder.bin")
+    codebook = CT.load_codebook(root / "visual_tokenizer" / "tokenizer_encoder.bin")
     ids = np.asarray(ids)
     codes = codebook[ids - 32002][None]
     name = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
-    params = T.load_token_decoder(root / "visual_tokenizer" / name, cfg, highres)
+    params = CT.load_token_decoder(root / "visual_tokenizer" / name, cfg, highres)
     cond = TokenDecoder(cfg, highres).apply({"params": params}, jnp.asarray(codes), jnp.asarray([len(ids)]))
     cond = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), cond)
     folder = "highres_pixel_decoding" if highres else "pixel_decoding"
@@ -108,7 +110,7 @@ def assert_image_close(path, ref):
 def released_tokenizer(env, understanding=False):
     root = env["rel"].root
     vw = root / "language_model" / "visual_weight.bin" if understanding else None
-    return T.VisualTokenizer.from_released(root, env["tok_cfg"], decoders=(), understanding_weights=vw)
+    return tfx.released_visual_tokenizer(root, env["tok_cfg"], decoders=(), understanding_weights=vw)
 
 
 def hf_image_ids(env, prefix_ids, text, llm_guidance, min_new, max_new):
@@ -337,3 +339,26 @@ def test_converter_lists_all_key_problems(env, tmp_path, capsys):
     assert "missing (1): model/norm/weight" in err
     assert "model.layers.0.extra.weight" in err and first in err
     assert not out.exists()
+
+
+_NO_TORCH = r"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from lavit_jax.inference.lavit import LaVIT
+m = LaVIT.from_pretrained(sys.argv[1])
+ids, n = m.visual_tokenizer.tokenize(sys.argv[2], add_special=True)
+cap = m.caption(sys.argv[2], max_new_tokens=4, min_new_tokens=1)
+img = m.text2image("a red square", steps=2, size=16, max_new_tokens=8, min_new_tokens=2)
+assert "torch" not in {k for k, v in sys.modules.items() if v is not None}
+print("OK", int(n[0]), repr(cap), img.size)
+"""
+
+
+def test_runtime_runs_without_torch(env):
+    """Tokenize, caption and text->image on the converted checkpoint with torch unimportable."""
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH, str(env["out"]), str(env["img"])], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("OK "), proc.stdout
+    assert "(16, 16)" in proc.stdout

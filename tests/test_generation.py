@@ -189,7 +189,6 @@ def test_decode_loop_compiles_once_per_shape(tiny):
     rs = np.random.RandomState(6)
     ids, mask = fx.left_padded_ids(rs, [3, 2], 3, high=32000)
     generation.generate_from_ids(model, params, ids, mask, cfg, rng=jax.random.PRNGKey(0))
-    traces = generation.TRACE_COUNT["sample"]
     compiles = []
     listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
     jax.monitoring.register_event_duration_secs_listener(listener)
@@ -197,14 +196,13 @@ def test_decode_loop_compiles_once_per_shape(tiny):
         for seed in range(3):
             ids, mask = fx.left_padded_ids(rs, [3, 1 + seed % 3], 3, high=32000)
             generation.generate_from_ids(model, params, ids, mask, cfg, rng=jax.random.PRNGKey(seed))
+        assert compiles == []
+        # a new shape compiles again (the counter does count)
+        ids, mask = fx.left_padded_ids(rs, [4, 2], 4, high=32000)
+        generation.generate_from_ids(model, params, ids, mask, cfg, rng=jax.random.PRNGKey(0))
+        assert len(compiles) >= 1
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
-    assert generation.TRACE_COUNT["sample"] == traces
-    assert compiles == []
-    # a new shape compiles again (the counter does count)
-    ids, mask = fx.left_padded_ids(rs, [4, 2], 4, high=32000)
-    generation.generate_from_ids(model, params, ids, mask, cfg, rng=jax.random.PRNGKey(0))
-    assert generation.TRACE_COUNT["sample"] == traces + 1
 
 
 def test_bad_config_errors():

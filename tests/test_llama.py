@@ -10,6 +10,8 @@ import pytest
 import torch
 from flax import linen as nn
 
+from lavit_jax import checkpoint
+from lavit_jax.convert import llama as CL
 from lavit_jax.convert import torch_io as weights
 from lavit_jax.models import llama
 from lavit_jax.ops import sharding
@@ -71,15 +73,15 @@ def test_rope_scaling_and_tied_embeddings(rope_scaling, tmp_path):
 
 
 def test_config_from_hf_fields(gqa):
-    cfg = llama.llama_config_from_hf(os.path.join(gqa[1], "config.json"))
+    cfg = checkpoint.read_llama_config(os.path.join(gqa[1], "config.json"))
     hf_cfg = gqa[0].config
     for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "max_position_embeddings"):
         assert cfg[k] == getattr(hf_cfg, k), k
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        llama.llama_config_from_hf({"num_attention_heads": 4, "num_key_value_heads": 3, "hidden_size": 32})
+        llama.llama_config({"num_attention_heads": 4, "num_key_value_heads": 3, "hidden_size": 32})
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
-        llama.llama_config_from_hf({"rope_scaling": {"type": "yarn", "factor": 2.0}})
+        llama.llama_config({"rope_scaling": {"type": "yarn", "factor": 2.0}})
 
 
 def test_loader_reports_all_mismatches_and_bad_shards(gqa, tmp_path):
@@ -93,7 +95,7 @@ def test_loader_reports_all_mismatches_and_bad_shards(gqa, tmp_path):
     save_file(sd, os.path.join(tmp_path, "model.safetensors"))
     hf.config.save_pretrained(tmp_path)
     with pytest.raises(weights.WeightMismatchError) as e:
-        llama.load_hf_llama(tmp_path)
+        CL.load_hf_llama(tmp_path)
     msg = str(e.value)
     assert "layers_1/mlp/up_proj/kernel" in msg and "model.extra.weight" in msg and "q_proj.weight" in msg
 
@@ -108,7 +110,7 @@ def test_loader_reports_all_mismatches_and_bad_shards(gqa, tmp_path):
     data = (bad / shard).read_bytes()
     (bad / shard).write_bytes(data[: len(data) // 2])
     with pytest.raises(weights.WeightFileError, match=shard):
-        llama.load_hf_llama(bad)
+        CL.load_hf_llama(bad)
 
 
 def test_loader_casts_to_bf16(gqa):
@@ -117,13 +119,13 @@ def test_loader_casts_to_bf16(gqa):
     assert all(x.dtype == jnp.bfloat16 for x in leaves)
     ref = dict(gqa[0].state_dict())["model.layers.0.mlp.gate_proj.weight"].numpy().T
     np.testing.assert_array_equal(
-        np.asarray(params["layers_0"]["mlp"]["gate_proj"]["kernel"]), jnp.asarray(ref, jnp.bfloat16)
+        np.asarray(params["layers"]["mlp"]["gate_proj"]["kernel"][0]), jnp.asarray(ref, jnp.bfloat16)
     )
 
 
 @pytest.mark.sharding
 def test_sharded_forward_backward_matches_single_device(gqa):
-    base_cfg = llama.llama_config_from_hf(gqa[1])
+    base_cfg = checkpoint.read_llama_config(gqa[1])
     _, params = fx.load_flax(gqa[1])
     rs = np.random.RandomState(5)
     ids, mask = fx.left_padded_ids(rs, [8, 6, 3, 8], 8, high=fx.VOCAB)
@@ -138,8 +140,7 @@ def test_sharded_forward_backward_matches_single_device(gqa):
     single_model = llama.LlamaForCausalLM(base_cfg)
     ref_loss, ref_grads = jax.jit(jax.value_and_grad(lambda p: loss_fn(single_model, p, ids, mask)))(params)
 
-    cfg = llama.llama_config_from_hf(gqa[1])
-    cfg.remat_policy = "dots"
+    cfg = checkpoint.read_llama_config(gqa[1], remat="dots")
     model = llama.LlamaForCausalLM(cfg)
     mesh = sharding.make_mesh((1, 4, 2))
     rules = sharding.DEFAULT_RULES
@@ -151,7 +152,8 @@ def test_sharded_forward_backward_matches_single_device(gqa):
         out_shardings = (sharding.replicated(mesh), p_shard)
         fn = jax.jit(grad_fn, in_shardings=(p_shard, b_shard, b_shard), out_shardings=out_shardings)
         loss, grads = fn(params_s, jax.device_put(ids, b_shard), jax.device_put(mask, b_shard))
-    assert grads["layers_0"]["mlp"]["gate_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    spec = grads["layers"]["mlp"]["gate_proj"]["kernel"].sharding.spec  # [layers, embed, mlp]
+    assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
                  grads, ref_grads)

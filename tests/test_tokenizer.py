@@ -5,9 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lavit_jax.inference.visual_tokenizer import VisualTokenizer
 from lavit_jax.models import codebook
 from lavit_jax.models import tokenizer as T
 from lavit_jax.ops import sharding
+from tests import tokenizer_fixture as tfx
 from tests.conftest import SHARED
 
 FIX = SHARED / "fixtures" / "image_tokenizer_tiny"
@@ -15,8 +17,8 @@ FIX = SHARED / "fixtures" / "image_tokenizer_tiny"
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = T.config_from_fixture(FIX / "config.json")
-    vt = T.VisualTokenizer.from_released(FIX / "checkpoint", cfg)
+    cfg = tfx.config_from_fixture(FIX / "config.json")
+    vt = tfx.released_visual_tokenizer(FIX / "checkpoint", cfg)
     pixels = np.transpose(np.load(FIX / "io.npz")["pixel_values"], (0, 2, 3, 1))
     return cfg, vt, jnp.asarray(pixels)
 
@@ -107,8 +109,8 @@ def test_sharded_tokenizer_equals_single_device(tiny):
     batch = jnp.concatenate([pixels] * 4)  # 8 images
     single = vt.model.apply({"params": vt.params}, batch)
     mesh = sharding.make_mesh((8, 1, 1))
-    sharded = T.VisualTokenizer(cfg, vt.params, vt.decoder_params, mesh=mesh)
-    px = sharded._shard_batch(batch)
+    sharded = VisualTokenizer(cfg, vt.params, vt.decoder_params, mesh=mesh)
+    px = sharded.shard_batch(batch)
     assert len(px.sharding.device_set) == 8
     out = jax.jit(lambda p, x: sharded.model.apply({"params": p}, x))(sharded.params, px)
     assert len(out["merged"].sharding.device_set) == 8

@@ -8,7 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lavit_jax.convert import tokenizer as CT
 from lavit_jax.models import tokenizer as T
+from lavit_jax.models.token_decoder import TokenDecoder
+from tests import tokenizer_fixture as tfx
 from tests.conftest import SHARED, fixture_dirs
 
 FIXTURES = fixture_dirs()
@@ -32,9 +35,9 @@ def _flat(x, lengths):
 def run(request):
     d = request.param
     io = dict(np.load(d / "io.npz"))
-    cfg = T.config_from_fixture(d / "config.json")
+    cfg = tfx.config_from_fixture(d / "config.json")
     vt = d / "checkpoint" / "visual_tokenizer"
-    params = T.load_visual_tokenizer(vt, cfg)
+    params = CT.load_visual_tokenizer(vt, cfg)
     pixels = jnp.asarray(np.transpose(io["pixel_values"], (0, 2, 3, 1)))
     model = T.DynamicVisualTokenizer(cfg)
     out = jax.jit(lambda p, x, k: model.apply({"params": p}, x, decisions=k))(
@@ -43,8 +46,8 @@ def run(request):
     dec = {}
     for highres in (False, True):
         name = "highres_tokenizer_decoder.bin" if highres else "tokenizer_decoder.bin"
-        dp = T.load_token_decoder(vt / name, cfg, highres)
-        dec[highres] = T.TokenDecoder(cfg, highres).apply(
+        dp = CT.load_token_decoder(vt / name, cfg, highres)
+        dec[highres] = TokenDecoder(cfg, highres).apply(
             {"params": dp}, jnp.asarray(out["quantized"]), jnp.asarray(out["lengths"]))
     return io, out, dec
 

@@ -10,8 +10,8 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import linen as nn
 
+from lavit_jax.convert import diffusers as CD
 from lavit_jax.convert.torch_io import WeightMismatchError, param_shapes
-from lavit_jax.inference import sampling as diffusion
 from lavit_jax.models import unet as U
 from lavit_jax.ops import sharding
 
@@ -51,7 +51,7 @@ def flax_from_torch(tm):
     cfg = U.unet_config(dict(tm.config))
     model = U.UNet2DConditionModel(cfg)
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    return model, diffusion.params_from_state_dict(model, diffusion.unet_init_args(cfg), sd, source="test")
+    return model, CD.params_from_state_dict(model, U.example_inputs(cfg), sd, source="test")
 
 
 def inputs(config, batch=2, hw=16, ctx_len=7, seed=0):
@@ -117,7 +117,7 @@ def test_sharded_unet_equals_single_device(sdxl_variant):
 
     mesh = sharding.make_mesh((2, 2, 2))
     rules = sharding.DEFAULT_RULES
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *diffusion.unet_init_args(model.config)))["params"]
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *U.example_inputs(model.config)))["params"]
     p_shard = sharding.logical_sharding(boxed, mesh, rules)
     sharded_params = jax.device_put(params, p_shard)
     arg_shard = tuple(None if a is None else sharding.batch_sharding(mesh, np.ndim(a)) for a in args)
@@ -139,7 +139,7 @@ def test_load_unet_folder_and_mismatch_report(tmp_path):
     tm = torch_unet(SD15_TINY, seed=1)
     tm.save_pretrained(tmp_path / "unet", safe_serialization=False)
     assert (tmp_path / "unet" / "diffusion_pytorch_model.bin").is_file()
-    model, params = diffusion.load_unet(tmp_path / "unet")
+    model, params = CD.load_unet(tmp_path / "unet")
     _, ref_params = flax_from_torch(tm)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -150,7 +150,7 @@ def test_load_unet_folder_and_mismatch_report(tmp_path):
     cfg["cross_attention_dim"] = 40
     (tmp_path / "unet" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightMismatchError, match=r"mis-shaped .*attn2\.to_k\.weight"):
-        diffusion.load_unet(tmp_path / "unet")
+        CD.load_unet(tmp_path / "unet")
 
 
 SD15_RELEASED = dict(
@@ -174,9 +174,9 @@ def test_released_shapes_map_one_to_one(config):
         tm = TorchUNet(**config)
     cfg = U.unet_config(dict(tm.config))
     model = U.UNet2DConditionModel(cfg)
-    shapes = param_shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), *diffusion.unet_init_args(cfg))))
+    shapes = param_shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), *U.example_inputs(cfg))))
     shapes = {k[1:]: v for k, v in shapes.items()}  # drop the "params" collection
-    rule = U.diffusers_rule(shapes)
+    rule = CD.diffusers_rule(shapes)
     seen = set()
     for key, t in tm.state_dict().items():
         path, _ = rule(key)

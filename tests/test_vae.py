@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 
-from lavit_jax.inference import sampling as diffusion
+from lavit_jax.convert import diffusers as CD
 from lavit_jax.models import vae as V
 
 VAE_TINY = dict(
@@ -36,7 +36,7 @@ def vae_pair():
     cfg = V.vae_config(dict(tm.config))
     model = V.AutoencoderKL(cfg)
     sd = {k: v.numpy() for k, v in tm.state_dict().items()}
-    params = diffusion.params_from_state_dict(model, diffusion.vae_init_args(cfg), sd, source="test")
+    params = CD.params_from_state_dict(model, V.example_inputs(cfg), sd, source="test")
     return tm, model, params
 
 
@@ -85,7 +85,7 @@ def test_bf16_model_float32_decode(vae_pair):
 def test_load_vae_folder_legacy_attention_names(vae_pair, tmp_path):
     tm, model, params = vae_pair
     tm.save_pretrained(tmp_path / "vae", safe_serialization=True)
-    loaded_model, loaded = diffusion.load_vae(tmp_path / "vae")
+    loaded_model, loaded = CD.load_vae(tmp_path / "vae")
     assert loaded_model.config.scaling_factor == pytest.approx(0.13025)
     for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -98,7 +98,7 @@ def test_load_vae_folder_legacy_attention_names(vae_pair, tmp_path):
                 k = k.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
         legacy[k] = v
     assert any(".query." in k for k in legacy)
-    from_legacy = diffusion.params_from_state_dict(model, diffusion.vae_init_args(model.config), legacy, source="old")
+    from_legacy = CD.params_from_state_dict(model, V.example_inputs(model.config), legacy, source="old")
     for a, b in zip(jax.tree.leaves(from_legacy), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from lavit_jax import checkpoint
+from lavit_jax.convert import tokenizer as CT
 from lavit_jax.convert import torch_io as weights
-from lavit_jax.models import tokenizer as T
+from tests import tokenizer_fixture as tfx
 from tests.conftest import SHARED
 
 FIX = SHARED / "fixtures" / "image_tokenizer_tiny"
@@ -23,7 +25,7 @@ def ckpt(tmp_path):
 
 @pytest.fixture(scope="module")
 def cfg():
-    return T.config_from_fixture(FIX / "config.json")
+    return tfx.config_from_fixture(FIX / "config.json")
 
 
 def test_all_problems_in_one_error(ckpt, cfg):
@@ -35,7 +37,7 @@ def test_all_problems_in_one_error(ckpt, cfg):
     sd["encode_task_layer.0.weight"] = torch.zeros(5, 5)
     torch.save(sd, path)
     with pytest.raises(weights.WeightMismatchError) as e:
-        T.load_visual_tokenizer(ckpt, cfg)
+        CT.load_visual_tokenizer(ckpt, cfg)
     msg = str(e.value)
     assert str(path) in msg
     for part in ("vit_proj/bias", "causal_encoder/norm/scale", "extra.weight", "encode_task_layer.0.weight",
@@ -47,7 +49,7 @@ def test_bf16_checkpoint_loads(ckpt, cfg):
     path = ckpt / "visual_tokenizer" / "tokenizer_decoder.bin"
     sd = {k: v.to(torch.bfloat16) for k, v in torch.load(path, weights_only=True).items()}
     torch.save(sd, path)
-    p = T.load_token_decoder(path, cfg, highres=False)
+    p = CT.load_token_decoder(path, cfg, highres=False)
     ref = sd["in_proj.weight"].float().numpy().T
     np.testing.assert_array_equal(p["in_proj"]["kernel"], ref)
     assert p["in_proj"]["kernel"].dtype == np.float32
@@ -58,12 +60,12 @@ def test_truncated_and_missing_files_named(ckpt, cfg):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(weights.WeightFileError, match="eva_vitg_psz14.bin"):
-        T.load_visual_tokenizer(ckpt, cfg)
+        CT.load_visual_tokenizer(ckpt, cfg)
     path.unlink()
     with pytest.raises(weights.WeightFileError, match="not found.*eva_vitg_psz14.bin"):
-        T.load_visual_tokenizer(ckpt, cfg)
+        CT.load_visual_tokenizer(ckpt, cfg)
     with pytest.raises(FileNotFoundError, match="visual_tokenizer"):
-        T.load_visual_tokenizer(ckpt / "nowhere", cfg)
+        CT.load_visual_tokenizer(ckpt / "nowhere", cfg)
 
 
 class _Evil:
@@ -85,12 +87,12 @@ def test_understanding_weights_overlay(ckpt, cfg, tmp_path):
     over = {"vit_proj.weight": base["vit_proj.weight"] * 2,
             "causal_encoder.norm.bias": base["causal_encoder.norm.bias"] + 1}
     torch.save(over, tmp_path / "visual_weight.bin")
-    p = T.load_visual_tokenizer(ckpt, cfg, understanding_weights=tmp_path / "visual_weight.bin")
+    p = CT.load_visual_tokenizer(ckpt, cfg, understanding_weights=tmp_path / "visual_weight.bin")
     np.testing.assert_allclose(p["vit_proj"]["kernel"], over["vit_proj.weight"].numpy().T)
     np.testing.assert_allclose(p["causal_encoder"]["norm"]["bias"], over["causal_encoder.norm.bias"].numpy())
     torch.save({"not_a_key": torch.zeros(1)}, tmp_path / "bad.bin")
     with pytest.raises(weights.WeightMismatchError, match="not_a_key"):
-        T.load_visual_tokenizer(ckpt, cfg, understanding_weights=tmp_path / "bad.bin")
+        CT.load_visual_tokenizer(ckpt, cfg, understanding_weights=tmp_path / "bad.bin")
 
 
 def test_bad_index_and_config_json_are_named(tmp_path):
@@ -103,6 +105,6 @@ def test_bad_index_and_config_json_are_named(tmp_path):
     cfg = tmp_path / "config.json"
     cfg.write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
-        weights.load_json_config(tmp_path, "config.json", dict, "UNet config")
+        checkpoint.load_json_config(tmp_path, "config.json", dict, "UNet config")
     with pytest.raises(FileNotFoundError, match="UNet config not found"):
-        weights.load_json_config(tmp_path / "nope", "config.json", dict, "UNet config")
+        checkpoint.load_json_config(tmp_path / "nope", "config.json", dict, "UNet config")

@@ -12,7 +12,7 @@ mis-shaped key together in one ``WeightMismatchError``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -39,17 +39,23 @@ def tensor_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
-def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Loads a torch pickle state dict with ``weights_only=True`` into numpy arrays."""
+def load_torch_object(path: str | os.PathLike, *, mmap: bool = False):
+    """``torch.load(path, weights_only=True)``: never runs code from the file; errors name the file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightFileError(f"weight file not found: {path}")
     import torch
 
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # truncated zip, bad pickle, disallowed global, ...
         raise WeightFileError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
+
+
+def load_torch_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Loads a torch pickle state dict with ``weights_only=True`` into numpy arrays."""
+    path = os.fspath(path)
+    sd = load_torch_object(path)
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
@@ -81,25 +87,6 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return load_torch_file(path)
 
 
-def load_json_config(path, filename: str, parse, what: str):
-    """Reads ``filename`` inside folder ``path`` (or the file ``path``) and returns ``parse(dict)``.
-
-    A missing file, invalid JSON or a value ``parse`` rejects (ValueError) gives an error naming the file.
-    """
-    import json
-
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        path = os.path.join(path, filename)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path) as f:
-        try:
-            return parse(json.load(f))
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from e
-
-
 def index_shard_files(index_path) -> list[str]:
     """Paths of the shards a ``*.index.json`` names (its ``weight_map`` values, first-seen order)."""
     import json
@@ -112,6 +99,49 @@ def index_shard_files(index_path) -> list[str]:
         raise WeightFileError(f"bad shard index {index_path}: {type(e).__name__}: {e}") from e
     folder = os.path.dirname(index_path)
     return [os.path.join(folder, f) for f in dict.fromkeys(weight_map.values())]
+
+
+def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(key, numpy array) of one weight file, one tensor at a time, without running code.
+
+    ``.safetensors`` are opened lazily; torch pickles are memory-mapped (older non-zip pickles fall back
+    to a plain ``weights_only`` load). A missing/truncated/corrupt file raises ``WeightFileError`` naming it.
+    """
+    if not os.path.isfile(path):
+        raise WeightFileError(f"weight file not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            f = safe_open(path, framework="pt")
+            keys = list(f.keys())
+        except Exception as e:
+            raise WeightFileError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
+        for k in keys:
+            try:
+                t = f.get_tensor(k)
+            except Exception as e:
+                raise WeightFileError(f"cannot read tensor {k!r} of {path}: {type(e).__name__}: {e}") from e
+            yield k, tensor_to_numpy(t)
+        return
+    import torch
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        sd = None
+    if sd is None:  # not a zip pickle (mmap needs one), or corrupt: the plain loader names the problem
+        yield from load_torch_file(path).items()
+        return
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise WeightFileError(f"weight file {path} holds a {type(sd).__name__}, not a state dict")
+    for k in list(sd):
+        v = sd.pop(k)
+        if not hasattr(v, "detach"):
+            raise WeightFileError(f"weight file {path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        yield str(k), tensor_to_numpy(v)
 
 
 def strip_prefix(sd: Mapping[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -1,47 +1,39 @@
 """Visual tokens -> pixels: codebook lookup -> token decoder -> guided UNet sampling -> VAE decode -> PIL.
 
-    detok = Detokenizer.from_released(ckpt_dir, config.tokenizer, decoder="highres")
+    detok = checkpoint.load_detokenizer(converted_dir, "highres")
     images = detok(ids, lengths, steps=25, guidance=7.0, seed=0)          # list of PIL images
 
-``ids`` are visual ids in LLM space (code + ``code_offset``, 32002) padded to [B, N], ``lengths`` [B]
-the number of valid ids per row (no [IMG]/[/IMG]). ``decoder="lowres"`` uses the SD-1.5 UNet (512 px,
-``uncond_embeddings.bin`` negatives with an encoder mask), ``"highres"`` the SDXL UNet (1024 px, zero
+``ids`` are visual ids in LLM space (code + 32002) padded to [B, N], ``lengths`` [B] the number of
+valid ids per row (no [IMG]/[/IMG]). ``decoder="lowres"`` uses the SD-1.5 UNet (512 px,
+``uncond_embeddings`` negatives with an encoder mask), ``"highres"`` the SDXL UNet (1024 px, zero
 negatives, time ids). The sampler is DDIM (as LaVIT), the VAE decodes in float32.
 
-Compiled functions: the token decoder is one jit; sampling + VAE decode is one jit with a
-``lax.fori_loop`` over the steps (see ``diffusion.py``). ``progress=True`` compiles a variant of that same
-loop with a ``jax.debug.callback`` per step that advances a tqdm bar; the default has no callback.
+Compiled functions: the token decoder is one jit (``token_condition``); sampling + VAE decode is one
+jit with a ``lax.fori_loop`` over the steps (``sampling.py``).
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from lavit_jax.convert.torch_io import WeightFileError, load_weight_file
+from lavit_jax import vocab
 from lavit_jax.inference import sampling as diffusion
 from lavit_jax.models.codebook import lookup
 from lavit_jax.models.token_decoder import TokenDecoder
+from lavit_jax.ops.config import freeze
 
 DECODERS = ("lowres", "highres")
-# (pixel-decoding folder, token decoder file, default image size) per decoder.
-_RELEASED = {
-    "lowres": ("pixel_decoding", "tokenizer_decoder.bin", 512),
-    "highres": ("highres_pixel_decoding", "highres_tokenizer_decoder.bin", 1024),
-}
-# LaVIT's defaults: reconstruction (image_detokenize.py) and text-to-image (lavit_for_generation.py).
-RECONSTRUCT_DEFAULTS = dict(steps=50, guidance=5.0)
-TEXT2IMAGE_DEFAULTS = dict(steps=25, guidance=7.0)
 
 
-def token_condition(decoder: TokenDecoder, decoder_params, codebook, ids, lengths, code_offset: int = 32002):
+@partial(jax.jit, static_argnames=("decoder",))
+def token_condition(decoder: TokenDecoder, decoder_params, codebook, ids, lengths):
     """LLM-space ids [B, N] + lengths [B] -> token decoder output (low-res condition [B, 256, D], or
-    (prompt_embeds, pooled) for high-res). Padding positions are zeroed and masked by ``lengths``."""
-    codes = jnp.clip(ids - code_offset, 0, codebook.shape[0] - 1)
+    (prompt_embeds, pooled) for high-res). Padding positions are zeroed and masked by ``lengths``.
+    The one ids -> condition path (the tokenizer front end and the detokenizer both use it)."""
+    codes = jnp.clip(ids - vocab.VISUAL_OFFSET, 0, codebook.shape[0] - 1)
     valid = jnp.arange(ids.shape[1])[None, :] < lengths[:, None]
     vectors = lookup(codebook, codes) * valid[..., None].astype(codebook.dtype)
     return decoder.apply({"params": decoder_params}, vectors, lengths)
@@ -56,46 +48,21 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer_config, codebook, decoder_params, pipeline: diffusion.DiffusionPipeline,
-                 decoder: str = "highres", uncond_embeddings=None, code_offset: int | None = None,
-                 default_size: int | None = None):
+                 decoder: str = "highres", uncond_embeddings=None):
         if decoder not in DECODERS:
             raise ValueError(f"decoder {decoder!r} is not one of {DECODERS}")
         self.decoder = decoder
         self.highres = decoder == "highres"
         if not self.highres and uncond_embeddings is None:
             raise ValueError("the low-res decoder needs uncond_embeddings (pixel_decoding/uncond_embeddings.bin)")
-        self.config = tokenizer_config
-        self.token_decoder = TokenDecoder(tokenizer_config, self.highres)
+        self.config = freeze(tokenizer_config)
+        self.token_decoder = TokenDecoder(self.config, self.highres)
         self.codebook = jnp.asarray(codebook)
         self.decoder_params = decoder_params
         self.pipeline = pipeline
         self.uncond_embeddings = None if uncond_embeddings is None else jnp.asarray(uncond_embeddings)
-        self.code_offset = int(code_offset if code_offset is not None else tokenizer_config.get("code_offset", 32002))
-        self._condition = jax.jit(partial(token_condition, self.token_decoder), static_argnums=(4,))
-        f = pipeline.vae_scale_factor
-        self.default_size = default_size or (pipeline.unet.config.sample_size or 64) * f
-
-    @classmethod
-    def from_released(cls, ckpt_dir: str | os.PathLike, tokenizer_config, decoder: str = "highres", *,
-                      dtype=jnp.bfloat16, scheduler_kind: str = "ddim", attention_impl: str | None = "auto"):
-        """Loads a released LaVIT checkpoint folder: ``visual_tokenizer/`` (codebook from
-        ``tokenizer_encoder.bin``, the token decoder) and ``pixel_decoding/`` or ``highres_pixel_decoding/``.
-        """
-        from lavit_jax.models.tokenizer import load_token_decoder
-
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder {decoder!r} is not one of {DECODERS}")
-        ckpt_dir = os.fspath(ckpt_dir)
-        folder, decoder_file, size = _RELEASED[decoder]
-        vt = os.path.join(ckpt_dir, "visual_tokenizer")
-        codebook = load_codebook(os.path.join(vt, "tokenizer_encoder.bin"))
-        decoder_params = load_token_decoder(os.path.join(vt, decoder_file), tokenizer_config, decoder == "highres")
-        pipeline = diffusion.load_pipeline(os.path.join(ckpt_dir, folder), dtype=dtype,
-                                           scheduler_kind=scheduler_kind, attention_impl=attention_impl)
-        uncond = None
-        if decoder == "lowres":
-            uncond = diffusion.load_uncond_embeddings(os.path.join(ckpt_dir, folder, "uncond_embeddings.bin"))
-        return cls(tokenizer_config, codebook, decoder_params, pipeline, decoder, uncond, default_size=size)
+        # The UNet's native resolution (SD-1.5: 64 x 8 = 512 px, SDXL: 128 x 8 = 1024 px).
+        self.default_size = pipeline.default_size
 
     def condition(self, ids, lengths, *, height: int, width: int,
                   original_size: tuple[int, int] | None = None) -> diffusion.GuidedCondition:
@@ -104,7 +71,7 @@ class Detokenizer:
         lengths = jnp.asarray(lengths, jnp.int32)
         if ids.ndim != 2 or lengths.shape != ids.shape[:1]:
             raise ValueError(f"ids must be [B, N] with lengths [B]; got ids {ids.shape}, lengths {lengths.shape}")
-        out = self._condition(self.decoder_params, self.codebook, ids, lengths, self.code_offset)
+        out = token_condition(self.token_decoder, self.decoder_params, self.codebook, ids, lengths)
         if self.highres:
             prompt, pooled = out
             return diffusion.highres_condition(prompt, pooled, height, width, original_size)
@@ -127,10 +94,3 @@ class Detokenizer:
         images, _ = self.generate(ids, lengths, **kwargs)
         return diffusion.to_pil(images)
 
-
-def load_codebook(path: str | os.PathLike, key: str = "quantize.embedding.weight") -> np.ndarray:
-    """The visual codebook [K, code_dim] from ``tokenizer_encoder.bin`` (read with weights_only=True)."""
-    sd = load_weight_file(path)
-    if key not in sd:
-        raise WeightFileError(f"{os.fspath(path)} has no {key!r} (the visual codebook)")
-    return np.asarray(sd[key], np.float32)

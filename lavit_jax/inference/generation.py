@@ -18,12 +18,14 @@ temperature, top-k, top-p.
 Inputs are embeddings (``inputs_embeds [B, T, C]``, left-padded, ``attention_mask [B, T]``) so text ids,
 discrete visual ids and continuous visual features all enter the same way. Outputs are the new tokens
 only: ``tokens [B * R, max_new_tokens]`` (pad-filled after eos / the end) and ``lengths [B * R]``.
-Everything is compiled once per (model, GenerationConfig, input shapes).
+Everything is compiled once per (model, GenerationConfig, input shapes): ``jax.jit`` with the model
+(frozen config, hashable) and the GenerationConfig as static arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -168,14 +170,11 @@ def _lengths(tokens, n_steps, eos):
     return jnp.where(jnp.any(is_eos, axis=1), first + 1, jnp.minimum(n_steps, m)).astype(jnp.int32)
 
 
-TRACE_COUNT = {"sample": 0, "beam": 0}  # incremented only while tracing (tests count compilations)
-
-
 # ------------------------------------------------------------------------------------ greedy / sampling
 
 
+@partial(jax.jit, static_argnames=("model", "cfg"))
 def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, uncond_embeds, uncond_mask):
-    TRACE_COUNT["sample"] += 1
     r = cfg.num_return_sequences
     embeds = jnp.repeat(embeds, r, axis=0)
     mask = jnp.repeat(mask.astype(jnp.int32), r, axis=0)
@@ -244,8 +243,8 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
 # ------------------------------------------------------------------------------------ beam search
 
 
+@partial(jax.jit, static_argnames=("model", "cfg"))
 def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
-    TRACE_COUNT["beam"] += 1
     nb = cfg.num_beams
     b = embeds.shape[0]
     m = cfg.max_new_tokens
@@ -308,7 +307,7 @@ def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
         finished = gather(merged_fin, keep)
         # reorder the cache to the surviving beams
         flat_src = (run_src + batch_offset).reshape(-1)
-        cache = jax.tree.map(lambda c: jnp.take(c, flat_src, axis=0), cache)
+        cache = jax.tree.map(lambda c: jnp.take(c, flat_src, axis=1), cache)  # [L, B*nb, ...]
         # early-stop heuristic (evaluated at cur_len = i + 1 new tokens)
         best_len = m if (cfg.early_stopping == "never" and lp > 0.0) else i + 1
         best_running = run_scores[:, :1] / (jnp.float32(best_len) ** lp)
@@ -351,24 +350,6 @@ def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
 
 # ------------------------------------------------------------------------------------ entry points
 
-_JITTED: dict = {}
-
-
-def _jitted(model, cfg: GenerationConfig):
-    key = (id(model), cfg)
-    hit = _JITTED.get(key)
-    if hit is not None and hit[0] is model:
-        return hit[1]
-    if cfg.num_beams > 1:
-        fn = jax.jit(lambda params, embeds, mask: _beam_generate(model, cfg, params, embeds, mask))
-    else:
-        fn = jax.jit(
-            lambda params, embeds, mask, rng, ue, um: _sample_generate(model, cfg, params, embeds, mask, rng, ue, um)
-        )
-    _JITTED[key] = (model, fn)
-    return fn
-
-
 def generate(
     model,
     params,
@@ -392,9 +373,8 @@ def generate(
         raise ValueError(
             f"inputs_embeds {inputs_embeds.shape} / attention_mask {attention_mask.shape}: expected [B, T, C] / [B, T]"
         )
-    fn = _jitted(model, config)
     if config.num_beams > 1:
-        return fn(params, inputs_embeds, attention_mask)
+        return _beam_generate(model, config, params, inputs_embeds, attention_mask)
     if config.use_guidance:
         if uncond_embeds is None:
             raise ValueError("guidance_scale is set: pass uncond_embeds (e.g. the [IMG] embedding) and uncond_mask")
@@ -406,7 +386,7 @@ def generate(
         uncond_embeds = uncond_mask = None
     if config.do_sample and rng is None:
         raise ValueError("do_sample=True needs an rng key")
-    return fn(params, inputs_embeds, attention_mask, rng, uncond_embeds, uncond_mask)
+    return _sample_generate(model, config, params, inputs_embeds, attention_mask, rng, uncond_embeds, uncond_mask)
 
 
 def generate_from_ids(model, params, input_ids, attention_mask, config: GenerationConfig, **kw) -> GenerationOutput:

@@ -10,28 +10,25 @@
 Parts are loaded on first use (the LLM is not read for ``reconstruct``, the diffusion UNets not for
 ``caption``); a task whose part the checkpoint lacks raises ``CheckpointPartError`` naming it.
 
-Pipelines (DESIGN.md): understanding = tokenizer features (merger + projector from ``visual_weight.bin``)
+Pipelines: understanding = tokenizer features (merger + projector from ``visual_weight.bin``)
 between [IMG] and [/IMG] -> LLM beam search; generation = text (or image ids + text) + [IMG] -> LLM
 sampling with LLM classifier-free guidance -> visual ids -> token decoder -> guided DDIM -> VAE.
 """
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lavit_jax import checkpoint
+from lavit_jax import checkpoint, vocab
+from lavit_jax.checkpoint import DECODER_FOLDERS, CheckpointPartError
+from lavit_jax.inference import defaults, llm_tasks
+from lavit_jax.inference.sampling import to_pil
 
-DECODER_FOLDERS = {"lowres": "pixel_decoding", "highres": "highres_pixel_decoding"}
-DECODER_SIZES = {"lowres": 512, "highres": 1024}
-
-
-class CheckpointPartError(FileNotFoundError):
-    """The converted checkpoint lacks a part a task needs."""
+__all__ = ["LaVIT", "CheckpointPartError"]
 
 
 def _as_list(x):
@@ -45,13 +42,6 @@ def _check_text(texts, what="prompt"):
     for t in texts:
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"empty {what}: {t!r}")
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
 
 
 class _Stages:
@@ -103,12 +93,7 @@ class LaVIT:
         return list(self.manifest.get("parts", {}))
 
     def require(self, part: str, task: str) -> dict:
-        entry = self.manifest.get("parts", {}).get(part)
-        if entry is None:
-            raise CheckpointPartError(
-                f"checkpoint {self.ckpt_dir} has no {part}/ part, needed for {task} "
-                f"(converted parts: {', '.join(self.parts) or 'none'})")
-        return entry
+        return checkpoint.part_entry(self.ckpt_dir, part, task, self.manifest)
 
     def _cached(self, key, build):
         if key not in self._cache:
@@ -118,48 +103,23 @@ class LaVIT:
     @property
     def visual_tokenizer(self):
         """The dynamic visual tokenizer (generation path: ids) with the token decoders present."""
-        from lavit_jax.models import tokenizer as T
-
         self.require("visual_tokenizer", "the visual tokenizer")
-        return self._cached("vt", lambda: T.load_converted(self.ckpt_dir))
+        return self._cached("vt", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir))
 
     @property
     def understanding_tokenizer(self):
         """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path)."""
-        from lavit_jax.models import tokenizer as T
-
-        def build():
-            vt = self.visual_tokenizer
-            lm = self.require("language_model", "image understanding")
-            if not lm.get("visual_weight"):
-                return vt
-            over = checkpoint.load_tree(os.path.join(self.ckpt_dir, "language_model", "visual_weight"))
-            return T.VisualTokenizer(vt.config, _merge(vt.params, over))
-
-        return self._cached("vt_und", build)
+        self.require("language_model", "image understanding")
+        return self._cached("vt_und", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir, understanding=True))
 
     @property
     def language_model(self):
         """(LlamaForCausalLM, params, TextTokenizer)."""
-        from lavit_jax.data.text_tokenizer import load_text_tokenizer
-        from lavit_jax.models import llama
-
-        def build():
-            entry = self.require("language_model", "the language model")
-            root = os.path.join(self.ckpt_dir, "language_model")
-            cfg = llama.llama_config_from_hf(entry["config"])
-            cfg.dtype = cfg.param_dtype = self.dtype.name
-            cfg.attention_impl = self.attention_impl
-            params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype),
-                                  checkpoint.load_tree(os.path.join(root, "params")))
-            return llama.LlamaForCausalLM(cfg), params, load_text_tokenizer(root)
-
-        return self._cached("llm", build)
+        return self._cached("llm", lambda: checkpoint.load_language_model(
+            self.ckpt_dir, dtype=self.dtype, attention_impl=self.attention_impl))
 
     def available_decoders(self) -> list[str]:
-        vt = self.manifest.get("parts", {}).get("visual_tokenizer", {})
-        return [d for d, folder in DECODER_FOLDERS.items()
-                if folder in self.manifest.get("parts", {}) and f"{d}_decoder" in vt.get("files", [])]
+        return checkpoint.available_decoders(self.ckpt_dir)
 
     def _pick_decoder(self, decoder: str | None, task: str) -> str:
         if decoder is None:
@@ -177,45 +137,21 @@ class LaVIT:
 
     def detokenizer(self, decoder: str = "highres"):
         """The ``Detokenizer`` (token decoder + UNet + VAE + DDIM) for 'lowres' or 'highres'."""
-        from lavit_jax.inference import sampling as diffusion
-        from lavit_jax.inference import schedulers
-        from lavit_jax.inference.detokenizer import Detokenizer
-        from lavit_jax.models.unet import UNet2DConditionModel, load_unet_config
-        from lavit_jax.models.vae import AutoencoderKL, load_vae_config
-
         decoder = self._pick_decoder(decoder, "image decoding")
-
-        def build():
-            root = os.path.join(self.ckpt_dir, DECODER_FOLDERS[decoder])
-            vt = self.visual_tokenizer
-            unet_cfg = load_unet_config(os.path.join(root, "unet_config.json"))
-            vae_cfg = load_vae_config(os.path.join(root, "vae_config.json"))
-            with open(os.path.join(root, "scheduler_config.json")) as f:
-                sched = schedulers.scheduler_config(json.load(f), kind="ddim")
-            unet = UNet2DConditionModel(unet_cfg, dtype=self.dtype, param_dtype=self.dtype,
-                                        attention_impl=self.attention_impl)
-            unet_params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype),
-                                       checkpoint.load_tree(os.path.join(root, "unet")))
-            vae_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32),
-                                      checkpoint.load_tree(os.path.join(root, "vae")))
-            pipe = diffusion.DiffusionPipeline(unet_params=unet_params, vae_params=vae_params, unet=unet,
-                                               vae=AutoencoderKL(vae_cfg), scheduler_config=sched)
-            uncond = np.load(os.path.join(root, "uncond_embeddings.npy")) if decoder == "lowres" else None
-            return Detokenizer(vt.config, vt.params["quantize"]["embedding"], vt.decoder_params[decoder], pipe,
-                               decoder, uncond, default_size=DECODER_SIZES[decoder])
-
-        return self._cached(("detok", decoder), build)
+        return self._cached(("detok", decoder), lambda: checkpoint.load_detokenizer(
+            self.ckpt_dir, decoder, tokenizer=self.visual_tokenizer, dtype=self.dtype,
+            attention_impl=self.attention_impl))
 
     # ------------------------------------------------------------------------------------------ understanding
 
     def _features(self, images):
         return self.understanding_tokenizer.understanding_features(images)
 
-    def caption(self, images, *, num_beams: int = 2, max_new_tokens: int = 36, min_new_tokens: int = 8,
-                prompt: str | None = None, progress: bool = False):
+    def caption(self, images, *, num_beams: int = defaults.CAPTION.num_beams,
+                max_new_tokens: int = defaults.CAPTION.max_new_tokens,
+                min_new_tokens: int = defaults.CAPTION.min_new_tokens, prompt: str | None = None,
+                progress: bool = False):
         """Image(s) (path / PIL / array, or a list) -> caption str (or list of str)."""
-        from lavit_jax.inference import llm_tasks
-
         imgs, single = _as_list(images)
         self.require("visual_tokenizer", "caption")
         self.require("language_model", "caption")
@@ -228,11 +164,10 @@ class LaVIT:
         stages.done(1)
         return out[0] if single else out
 
-    def vqa(self, images, questions, *, num_beams: int = 5, max_new_tokens: int = 10, min_new_tokens: int = 2,
+    def vqa(self, images, questions, *, num_beams: int = defaults.VQA.num_beams,
+            max_new_tokens: int = defaults.VQA.max_new_tokens, min_new_tokens: int = defaults.VQA.min_new_tokens,
             apply_lemmatizer: bool = True, progress: bool = False):
         """Image(s) + question(s) -> answer str (or list). One question per image."""
-        from lavit_jax.inference import llm_tasks
-
         imgs, single = _as_list(images)
         qs, _ = _as_list(questions)
         _check_text(qs, "question")
@@ -254,29 +189,26 @@ class LaVIT:
 
     @staticmethod
     def _generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens):
-        from lavit_jax.inference import llm_tasks
-
         return llm_tasks.image_generation_config(
             guidance_scale=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
             min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens)
 
     @staticmethod
     def _visual_ids(out, what):
-        from lavit_jax.inference import llm_tasks
-
         codes, lengths = llm_tasks.image_codes_from_ids(out.tokens)
         lengths = np.asarray(lengths)
         if np.any(lengths == 0):
             raise ValueError(f"the language model generated no visual tokens for {what}; try another seed")
         valid = np.arange(codes.shape[1])[None] < lengths[:, None]
-        ids = np.where(valid, np.asarray(codes) + llm_tasks.VISUAL_OFFSET, 0)
+        ids = np.where(valid, np.asarray(codes) + vocab.VISUAL_OFFSET, 0)
         return ids.astype(np.int32), lengths.astype(np.int32)
 
-    def text2image_ids(self, prompts, *, llm_guidance: float = 4.0, top_k: int = 50, top_p: float = 1.0,
-                       temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200, seed: int = 0):
+    def text2image_ids(self, prompts, *, llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance,
+                       top_k: int = defaults.TEXT2IMAGE.top_k,
+                       top_p: float = defaults.TEXT2IMAGE.top_p, temperature: float = defaults.TEXT2IMAGE.temperature,
+                       min_new_tokens: int = defaults.TEXT2IMAGE.min_new_tokens,
+                       max_new_tokens: int = defaults.TEXT2IMAGE.max_new_tokens, seed: int = 0):
         """Prompt(s) -> visual ids [B, N] in LLM space (code + 32002, padded with 0) and lengths [B]."""
-        from lavit_jax.inference import llm_tasks
-
         texts, _ = _as_list(prompts)
         _check_text(texts)
         model, params, tok = self.language_model
@@ -284,11 +216,11 @@ class LaVIT:
         out = llm_tasks.text_to_image_ids(model, params, tok, texts, jax.random.key(seed), config=cfg)
         return self._visual_ids(out, "the prompt")
 
-    def edit_ids(self, images, prompts, *, llm_guidance: float = 5.0, top_k: int = 50, top_p: float = 1.0,
-                 temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200, seed: int = 0):
+    def edit_ids(self, images, prompts, *, llm_guidance: float = defaults.EDIT.llm_guidance,
+                 top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
+                 temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
+                 max_new_tokens: int = defaults.EDIT.max_new_tokens, seed: int = 0):
         """Image(s) + prompt(s) (multimodal prompt: image tokens then text then [IMG]) -> visual ids, lengths."""
-        from lavit_jax.inference import llm_tasks
-
         imgs, _ = _as_list(images)
         texts, _ = _as_list(prompts)
         _check_text(texts)
@@ -303,11 +235,10 @@ class LaVIT:
                                                 jax.random.key(seed), config=cfg)
         return self._visual_ids(out, "the multimodal prompt")
 
-    def decode_ids(self, ids, lengths, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
-                   seed: int = 0, size: int | None = None, noise=None, progress: bool = False) -> list:
+    def decode_ids(self, ids, lengths, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
+                   guidance: float = defaults.TEXT2IMAGE.guidance, seed: int = 0, size: int | None = None, noise=None,
+                   progress: bool = False) -> list:
         """Visual ids [B, N] (LLM space) + lengths [B] -> list of B PIL images."""
-        from lavit_jax.inference.sampling import to_pil
-
         detok = self.detokenizer(decoder)
         images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, size=size, noise=noise,
                                    progress=progress)
@@ -320,10 +251,14 @@ class LaVIT:
         images = images[0] if single else images
         return (images, (ids, lengths)) if return_ids else images
 
-    def text2image(self, prompts, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
-                   llm_guidance: float = 4.0, seed: int = 0, size: int | None = None, top_k: int = 50,
-                   top_p: float = 1.0, temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200,
-                   return_ids: bool = False, progress: bool = False):
+    def text2image(self, prompts, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
+                   guidance: float = defaults.TEXT2IMAGE.guidance,
+                   llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance, seed: int = 0, size: int | None = None,
+                   top_k: int = defaults.TEXT2IMAGE.top_k,
+                   top_p: float = defaults.TEXT2IMAGE.top_p, temperature: float = defaults.TEXT2IMAGE.temperature,
+                   min_new_tokens: int = defaults.TEXT2IMAGE.min_new_tokens,
+                   max_new_tokens: int = defaults.TEXT2IMAGE.max_new_tokens, return_ids: bool = False,
+                   progress: bool = False):
         """Prompt(s) -> PIL image (or list). ``decoder`` 'highres' (SDXL, default when converted) or 'lowres'.
         With ``return_ids`` also returns (ids, lengths) of the generated visual tokens."""
         prompts_, single = _as_list(prompts)
@@ -338,10 +273,11 @@ class LaVIT:
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
 
-    def edit(self, images, prompts, *, decoder: str | None = None, steps: int = 25, guidance: float = 7.0,
-             llm_guidance: float = 5.0, seed: int = 0, size: int | None = None, top_k: int = 50, top_p: float = 1.0,
-             temperature: float = 1.0, min_new_tokens: int = 20, max_new_tokens: int = 200, return_ids: bool = False,
-             progress: bool = False):
+    def edit(self, images, prompts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
+             guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance, seed: int = 0,
+             size: int | None = None, top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
+             temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
+             max_new_tokens: int = defaults.EDIT.max_new_tokens, return_ids: bool = False, progress: bool = False):
         """Image(s) + prompt -> PIL image (or list): generation from the multimodal prompt."""
         imgs, single = _as_list(images)
         texts, _ = _as_list(prompts)
@@ -356,8 +292,9 @@ class LaVIT:
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
 
-    def reconstruct(self, images, *, decoder: str | None = None, steps: int = 50, guidance: float = 5.0,
-                    seed: int = 0, size: int | None = None, return_ids: bool = False, progress: bool = False):
+    def reconstruct(self, images, *, decoder: str | None = None, steps: int = defaults.RECONSTRUCT.steps,
+                    guidance: float = defaults.RECONSTRUCT.guidance, seed: int = 0, size: int | None = None,
+                    return_ids: bool = False, progress: bool = False):
         """Image(s) -> visual tokens -> PIL image(s) (tokenize then detokenize; no LLM)."""
         imgs, single = _as_list(images)
         decoder = self._pick_decoder(decoder, "reconstruct")

@@ -23,20 +23,19 @@ Sequences:
 
 from __future__ import annotations
 
+import functools
 import logging
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lavit_jax.inference import defaults
 from lavit_jax.inference.generation import GenerationConfig, GenerationOutput, generate
-
-IMG_START = 32000
-IMG_END = 32001
-VISUAL_OFFSET = 32002
-TEXT_VOCAB = 32000
-
+from lavit_jax.models.tokenizer import compact
+from lavit_jax.vocab import IMG_END, IMG_START, PAD_ID, TEXT_VOCAB, VISUAL_OFFSET
 
 # ------------------------------------------------------------------------------------ sequence assembly
 
@@ -77,35 +76,24 @@ def _const(value, b, dtype=jnp.int32):
     return jnp.full((b, 1), value, dtype), jnp.ones((b,), jnp.int32), "front"
 
 
-_JIT: dict = {}
-
-
-def _jit(model, name, fn):
-    key = (id(model), name)
-    hit = _JIT.get(key)
-    if hit is None or hit[0] is not model:
-        hit = (model, jax.jit(fn))
-        _JIT[key] = hit
-    return hit[1]
+@partial(jax.jit, static_argnames=("model",))
+def _understanding_inputs(model, params, feats, lengths, text_ids, text_mask):
+    b = feats.shape[0]
+    emb = lambda ids: model.apply({"params": params}, ids, method=model.embed)  # noqa: E731
+    start = emb(jnp.full((b, 1), IMG_START, jnp.int32))
+    end = emb(jnp.full((b, 1), IMG_END, jnp.int32))
+    dt = start.dtype
+    one = jnp.ones((b,), jnp.int32)
+    segs = [(start, one, "front"), (feats.astype(dt), lengths, "front"), (end, one, "front")]
+    if text_ids is not None:
+        segs.append((emb(text_ids), text_mask.sum(-1), "back"))
+    return assemble(segs)
 
 
 def understanding_inputs(model, params, feats, lengths, text_ids=None, text_mask=None):
     """[IMG] feats[:len] [/IMG] (text) -> (embeds [B, N+2(+L), C], mask), left-padded. Jitted."""
-
-    def build(params, feats, lengths, text_ids, text_mask):
-        b = feats.shape[0]
-        emb = lambda ids: model.apply({"params": params}, ids, method=model.embed)  # noqa: E731
-        start = emb(jnp.full((b, 1), IMG_START, jnp.int32))
-        end = emb(jnp.full((b, 1), IMG_END, jnp.int32))
-        dt = start.dtype
-        one = jnp.ones((b,), jnp.int32)
-        segs = [(start, one, "front"), (feats.astype(dt), lengths, "front"), (end, one, "front")]
-        if text_ids is not None:
-            segs.append((emb(text_ids), text_mask.sum(-1), "back"))
-        return assemble(segs)
-
-    fn = _jit(model, "understanding_inputs", build)
-    return fn(params, jnp.asarray(feats), jnp.asarray(lengths, jnp.int32), text_ids, text_mask)
+    return _understanding_inputs(model, params, jnp.asarray(feats), jnp.asarray(lengths, jnp.int32), text_ids,
+                                 text_mask)
 
 
 @jax.jit
@@ -117,7 +105,7 @@ def image_prompt_ids(text_ids, text_mask, image_ids=None, image_lengths=None):
         segs.append((jnp.asarray(image_ids, jnp.int32), jnp.asarray(image_lengths, jnp.int32), "front"))
     segs.append((jnp.asarray(text_ids, jnp.int32), jnp.asarray(text_mask).sum(-1), "back"))
     segs.append(_const(IMG_START, b))
-    return assemble(segs, pad_value=2)
+    return assemble(segs, pad_value=PAD_ID)
 
 
 def image_codes_from_ids(tokens):
@@ -126,20 +114,16 @@ def image_codes_from_ids(tokens):
     Keeps every id >= 32002 (the reference's filter); other ids (eos, pad, [IMG]...) are dropped.
     """
     tokens = jnp.asarray(tokens)
-    keep = tokens >= VISUAL_OFFSET
-    order = jnp.argsort(~keep, axis=1, stable=True)
-    codes = jnp.take_along_axis(tokens - VISUAL_OFFSET, order, axis=1)
-    lengths = keep.sum(axis=1).astype(jnp.int32)
-    codes = jnp.where(jnp.arange(tokens.shape[1])[None] < lengths[:, None], codes, 0)
-    return codes, lengths
+    return compact(tokens - VISUAL_OFFSET, (tokens >= VISUAL_OFFSET).astype(jnp.float32))
 
 
 # ------------------------------------------------------------------------------------ understanding
 
 
 def caption(
-    model, params, tokenizer, feats, lengths, *, num_beams=2, max_new_tokens=36, min_new_tokens=8,
-    length_penalty=1.0, num_captions=1, prompt=None,
+    model, params, tokenizer, feats, lengths, *, num_beams=defaults.CAPTION.num_beams,
+    max_new_tokens=defaults.CAPTION.max_new_tokens, min_new_tokens=defaults.CAPTION.min_new_tokens,
+    length_penalty=defaults.CAPTION.length_penalty, num_captions=1, prompt=None,
 ) -> list[str]:
     """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``)."""
     b = feats.shape[0]
@@ -174,19 +158,16 @@ def postprocess_answer(text: str) -> str:
     return text.split(".")[0]
 
 
-_LEMMATIZER = {}
-
-
+@functools.cache
 def _spacy_lemmatizer():
-    if "nlp" not in _LEMMATIZER:
-        try:
-            import spacy
+    """spaCy's ``en_core_web_sm`` pipeline, or None when spaCy or the model is not installed (loaded once)."""
+    try:
+        import spacy
 
-            _LEMMATIZER["nlp"] = spacy.load("en_core_web_sm")
-        except Exception as e:  # spaCy or its English model not installed
-            logging.getLogger(__name__).warning("VQA lemmatisation skipped: %s", e)
-            _LEMMATIZER["nlp"] = None
-    return _LEMMATIZER["nlp"]
+        return spacy.load("en_core_web_sm")
+    except Exception as e:  # spaCy or its English model not installed
+        logging.getLogger(__name__).warning("VQA lemmatisation skipped: %s", e)
+        return None
 
 
 def lemmatize(answers, nlp):
@@ -199,8 +180,9 @@ def lemmatize(answers, nlp):
 
 
 def vqa(
-    model, params, tokenizer, feats, lengths, questions, *, prompt="Question: {} Answer:", num_beams=5,
-    max_new_tokens=10, min_new_tokens=2, length_penalty=0.0, apply_lemmatizer=True,
+    model, params, tokenizer, feats, lengths, questions, *, prompt=defaults.VQA.prompt,
+    num_beams=defaults.VQA.num_beams, max_new_tokens=defaults.VQA.max_new_tokens,
+    min_new_tokens=defaults.VQA.min_new_tokens, length_penalty=defaults.VQA.length_penalty, apply_lemmatizer=True,
 ) -> VqaAnswers:
     """Answers ``questions`` (list of str) about feats [B, N, C] + lengths [B] (reference ``predict_answers``).
 
@@ -230,13 +212,15 @@ def vqa(
 
 
 def image_generation_config(
-    *, guidance_scale=4.0, top_k=50, top_p=1.0, temperature=1.0, min_new_tokens=20, max_new_tokens=200,
+    *, guidance_scale=defaults.TEXT2IMAGE.llm_guidance, top_k=defaults.TEXT2IMAGE.top_k,
+    top_p=defaults.TEXT2IMAGE.top_p, temperature=defaults.TEXT2IMAGE.temperature,
+    min_new_tokens=defaults.TEXT2IMAGE.min_new_tokens, max_new_tokens=defaults.TEXT2IMAGE.max_new_tokens,
     num_return_sequences=1, do_sample=True,
 ) -> GenerationConfig:
     """The reference's image-token sampling settings (ids 3..31999 suppressed, eos [/IMG] = 32001)."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
-        top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, eos_token_id=IMG_END, pad_token_id=2,
+        top_k=top_k, top_p=top_p, num_return_sequences=num_return_sequences, eos_token_id=IMG_END, pad_token_id=PAD_ID,
         suppress_ranges=((3, TEXT_VOCAB),), guidance_scale=guidance_scale,
     )
 
@@ -281,7 +265,7 @@ def multimodal_to_image_ids(
     negative_ids=None, negative_mask=None,
 ) -> GenerationOutput:
     """Samples visual ids for image ids [B, N] (+32002, lengths [B]) followed by ``texts`` and [IMG]."""
-    cfg = config or image_generation_config(guidance_scale=5.0)
+    cfg = config or image_generation_config(guidance_scale=defaults.EDIT.llm_guidance)
     if isinstance(texts, str):
         texts = [texts] * image_ids.shape[0]
     text_ids, text_mask = tokenizer.encode_batch(texts)

@@ -20,15 +20,12 @@ corresponding diffusers class, as ``<Class>.from_pretrained`` does.
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import struct
-
-from lavit_jax.convert.torch_io import load_json_config
 
 KINDS = ("ddim", "euler", "euler_ancestral", "ddpm")
 _CLASS_KIND = {
@@ -95,11 +92,6 @@ def scheduler_config(diffusers_config: dict, kind: str | None = None) -> ml_coll
     if out["trained_betas"] is not None:
         out["trained_betas"] = tuple(float(b) for b in out["trained_betas"])
     return ml_collections.FrozenConfigDict(out)
-
-
-def load_scheduler_config(path: str | os.PathLike, kind: str | None = None) -> ml_collections.FrozenConfigDict:
-    """Reads ``scheduler/scheduler_config.json`` (a file or its folder)."""
-    return load_json_config(path, "scheduler_config.json", lambda d: scheduler_config(d, kind), "scheduler config")
 
 
 # --------------------------------------------------------------------------------------------------

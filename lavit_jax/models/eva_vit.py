@@ -11,23 +11,7 @@ from flax import linen as nn
 
 from lavit_jax.ops.attention import dot_product_attention
 from lavit_jax.ops.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
-
-REMAT_POLICIES = {
-    "none": None,
-    "full": "nothing_saveable",
-    "dots": "dots_saveable",
-    "dots_no_batch": "dots_with_no_batch_dims_saveable",
-}
-
-
-def remat_policy(name: str):
-    """Maps a remat policy name from the config to a ``jax.checkpoint_policies`` entry."""
-    import jax
-
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"config remat={name!r}: expected one of {sorted(REMAT_POLICIES)}")
-    policy = REMAT_POLICIES[name]
-    return None if policy is None else getattr(jax.checkpoint_policies, policy)
+from lavit_jax.ops.scan import apply_layers
 
 
 class EvaAttention(nn.Module):
@@ -57,7 +41,7 @@ class EvaAttention(nn.Module):
 
 
 class EvaBlock(nn.Module):
-    """Pre-LN block: x += attn(norm1(x)); x += mlp(norm2(x)). x [B,T,C] -> [B,T,C]."""
+    """Pre-LN block: x += attn(norm1(x)); x += mlp(norm2(x)). x [B,T,C] -> ([B,T,C], None)."""
 
     width: int
     heads: int
@@ -74,7 +58,7 @@ class EvaBlock(nn.Module):
         x = x + EvaAttention(self.width, self.heads, attention_impl=self.attention_impl, name="attn", **kw)(h)
         h = LayerNorm(self.eps, name="norm2", **kw)(x)
         x = x + Mlp(self.mlp_hidden, name="mlp", **kw)(h)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class EvaViT(nn.Module):
@@ -91,6 +75,7 @@ class EvaViT(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     attention_impl: str = "xla"
     remat: str = "none"
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(self, pixels):
@@ -113,12 +98,8 @@ class EvaViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, 1, self.width)), x], axis=1)
         x = x + pos.astype(x.dtype)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        block = EvaBlock
-        policy = remat_policy(self.remat)
-        if self.remat != "none":
-            block = nn.remat(EvaBlock, policy=policy)
         hidden = int(self.width * self.mlp_ratio)
-        for i in range(self.depth):
-            x = block(self.width, self.heads, hidden, self.eps, self.dtype, self.param_dtype,
-                      self.attention_impl, name=f"blocks_{i}")(x)
+        x, _ = apply_layers(EvaBlock, self.depth, "blocks", x, scan=self.scan_layers, remat=self.remat,
+                            block_args=(self.width, self.heads, hidden, self.eps, self.dtype, self.param_dtype,
+                                        self.attention_impl))
         return x

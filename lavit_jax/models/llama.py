@@ -7,20 +7,20 @@ The model is the LLM at the centre of LaVIT: RMSNorm, rotary position embeddings
 Shapes: B batch, T query length, S key length (cache slots), C hidden, H heads, K key/value heads,
 D head dim, V vocab.
 
-KV cache: a tuple (one entry per layer) of ``{"k": [B, S, K, D], "v": [B, S, K, D]}`` with static S.
+KV cache: ``{"k": [L, B, S, K, D], "v": [L, B, S, K, D]}`` (L layers, static S slots).
 A forward writes its T new keys/values at slots ``[cache_index, cache_index + T)``; a query in slot
 ``cache_index + t`` sees the key slots ``s <= cache_index + t`` whose ``attention_mask[b, s]`` is set.
 Without a cache the keys are the T tokens themselves (S = T, cache_index = 0).
 
-Entry points: ``llama_config_from_hf(path_or_dict)``, ``LlamaForCausalLM``, ``init_cache``,
-``load_hf_llama(model_dir, config, dtype)``.
+The decoder layers run under ``nn.scan`` when ``scan_layers`` (the default; params ``layers/...`` with
+a leading [L] axis) or unrolled as ``layers_{i}``; both give the same outputs.
+
+Entry points: ``llama_config(hf_config_dict, **runtime)``, ``LlamaForCausalLM``, ``init_cache``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping
 
 import jax
@@ -29,9 +29,11 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
-from lavit_jax.convert import torch_io as weights_lib
 from lavit_jax.ops.attention import dot_product_attention
+from lavit_jax.ops.config import freeze
 from lavit_jax.ops.layers import dense
+from lavit_jax.ops.remat import check_remat
+from lavit_jax.ops.scan import make_layers, run_layers
 
 # --------------------------------------------------------------------------------------------- config
 
@@ -57,35 +59,23 @@ _CONFIG_DEFAULTS = dict(
 _RUNTIME_DEFAULTS = dict(
     dtype="float32",  # activation dtype
     param_dtype="float32",
-    attention_impl="xla",  # see lavit_jax.attention
-    remat_policy="none",  # see REMAT_POLICIES
+    attention_impl="xla",  # see lavit_jax.ops.attention
+    remat="none",  # see lavit_jax.ops.remat
+    scan_layers=True,  # decoder layers under nn.scan
 )
 
 
-def llama_config_from_hf(path_or_dict) -> ml_collections.ConfigDict:
-    """ConfigDict with HF field names from a ``config.json`` path, a model directory, or a dict.
+def llama_config(hf_config: Mapping, source: str = "config", **runtime) -> ml_collections.FrozenConfigDict:
+    """Frozen config with HF field names from an HF ``config.json`` dict, plus run-time knobs.
 
     Fields: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, head_dim, rms_norm_eps, rope_theta, rope_scaling, tie_word_embeddings,
-    max_position_embeddings (+ run-time knobs dtype, param_dtype, attention_impl, remat_policy).
+    max_position_embeddings; run-time knobs (``runtime`` overrides the dict): dtype, param_dtype,
+    attention_impl, remat, scan_layers. ``source`` names the dict in errors (e.g. its file).
     """
-    source = "dict"
-    if isinstance(path_or_dict, (str, os.PathLike)):
-        path = os.fspath(path_or_dict)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        source = path
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"LLaMA config not found: {path}")
-        try:
-            with open(path) as f:
-                raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"LLaMA config {path} is not valid JSON: {e}") from e
-    elif isinstance(path_or_dict, Mapping):
-        raw = dict(path_or_dict)
-    else:
-        raise TypeError(f"llama_config_from_hf takes a path or a dict, got {type(path_or_dict).__name__}")
+    if not isinstance(hf_config, Mapping | ml_collections.ConfigDict):
+        raise TypeError(f"llama_config takes a dict, got {type(hf_config).__name__}")
+    raw = dict(hf_config.items())
     cfg = dict(_CONFIG_DEFAULTS)
     for k in _CONFIG_DEFAULTS:
         if k in raw and raw[k] is not None:
@@ -100,6 +90,11 @@ def llama_config_from_hf(path_or_dict) -> ml_collections.ConfigDict:
             cfg["rope_scaling"] = rope_params
     for k in _RUNTIME_DEFAULTS:
         cfg[k] = raw.get(k, _RUNTIME_DEFAULTS[k])
+    unknown = sorted(set(runtime) - set(_RUNTIME_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown LLaMA run-time option(s) {unknown}: expected {sorted(_RUNTIME_DEFAULTS)}")
+    cfg.update({k: v for k, v in runtime.items() if v is not None})
+    check_remat(cfg["remat"], "remat")
     if cfg["num_key_value_heads"] is None:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     if cfg["head_dim"] is None:
@@ -118,8 +113,7 @@ def llama_config_from_hf(path_or_dict) -> ml_collections.ConfigDict:
             f"num_key_value_heads={cfg['num_key_value_heads']}"
         )
     _rope_scaling_kind(cfg["rope_scaling"], source)  # validates
-    out = ml_collections.ConfigDict(cfg)
-    return out
+    return freeze(cfg)
 
 
 def _rope_scaling_kind(rope_scaling, source="config") -> str:
@@ -168,15 +162,6 @@ def apply_rope(x, positions, inv_freq):
     return x * cos + rotated * sin
 
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "everything": jax.checkpoint_policies.everything_saveable,
-}
-
-
 # --------------------------------------------------------------------------------------------- modules
 
 
@@ -208,7 +193,7 @@ class LlamaAttention(nn.Module):
     x [B, T, C], positions [B, T], attention_mask [B, S] (key validity) -> ([B, T, C], new layer cache).
     """
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.FrozenConfigDict
 
     @nn.compact
     def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None):
@@ -250,7 +235,7 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)). [B, T, C] -> [B, T, C]."""
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.FrozenConfigDict
 
     @nn.compact
     def __call__(self, x):
@@ -267,7 +252,7 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)); x + mlp(norm(x)). [B, T, C] -> ([B, T, C], new layer cache)."""
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.FrozenConfigDict
 
     @nn.compact
     def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None):
@@ -282,15 +267,20 @@ class LlamaDecoderLayer(nn.Module):
         return x, new_cache
 
 
+# Per-layer arguments of LlamaDecoderLayer: positions, mask and cache index are shared, the cache is per layer.
+_LAYER_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+
+
 class LlamaForCausalLM(nn.Module):
-    """LLaMA decoder + LM head. Params: ``embed_tokens``, ``layers_{i}``, ``norm``, ``lm_head`` (HF names, no "model.").
+    """LLaMA decoder + LM head. Params: ``embed_tokens``, ``layers`` (scanned; ``layers_{i}`` unrolled), ``norm``,
+    ``lm_head`` (HF names, no "model.").
 
     ``__call__(input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
     cache_index=None)`` -> (logits [B, T, V] float32, new cache or None).
     ``embed(ids [B, T])`` -> [B, T, C] token embeddings.
     """
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.FrozenConfigDict
 
     def setup(self):
         cfg = self.config
@@ -303,13 +293,8 @@ class LlamaForCausalLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="embed_tokens",
         )
-        policy = cfg.get("remat_policy", "none")
-        if policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {policy!r} unknown; choose from {sorted(REMAT_POLICIES)}")
-        layer_cls = LlamaDecoderLayer
-        if policy != "none":
-            layer_cls = nn.remat(LlamaDecoderLayer, policy=REMAT_POLICIES[policy], prevent_cse=True)
-        self.layers = [layer_cls(cfg, name=f"layers_{i}") for i in range(cfg.num_hidden_layers)]
+        self.layers = make_layers(LlamaDecoderLayer, cfg.num_hidden_layers, cfg, scan=cfg.scan_layers, remat=cfg.remat,
+                                  in_axes=_LAYER_IN_AXES)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")
         if not cfg.tie_word_embeddings:
             self.lm_head = dense(
@@ -320,22 +305,16 @@ class LlamaForCausalLM(nn.Module):
         """Token embeddings: ids [B, T] int -> [B, T, C]."""
         return self.embed_tokens(ids)
 
-    def __call__(
-        self,
-        input_ids=None,
-        inputs_embeds=None,
-        attention_mask=None,
-        positions=None,
-        cache=None,
-        cache_index=None,
-    ):
+    def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
+                      cache_index=None):
+        """The decoder's final-norm output [B, T, C] and the new cache (see ``__call__``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds.astype(_dtype(self.config.dtype))
         b, t, _ = x.shape
         if cache is not None and cache_index is None:
             raise ValueError("a cache needs cache_index")
-        s = t if cache is None else cache[0]["k"].shape[1]
+        s = t if cache is None else cache["k"].shape[2]
         if attention_mask is None:
             attention_mask = jnp.ones((b, s), jnp.int32)
         if attention_mask.shape != (b, s):
@@ -346,19 +325,28 @@ class LlamaForCausalLM(nn.Module):
             else:
                 positions = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        new_cache = [] if cache is not None else None
-        for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            x, c = layer(x, positions, attention_mask, layer_cache, cache_index)
-            if cache is not None:
-                new_cache.append(c)
-        x = self.norm(x)
+        x, new_cache = run_layers(self.layers, x, positions, attention_mask, cache, cache_index, in_axes=_LAYER_IN_AXES)
+        return self.norm(x), new_cache
+
+    def logits(self, hidden):
+        """LM head: hidden [B, T, C] -> logits [B, T, V] float32."""
         if self.config.tie_word_embeddings:
-            logits = self.embed_tokens.attend(x)
+            logits = self.embed_tokens.attend(hidden)
         else:
-            logits = self.lm_head(x)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits.astype(jnp.float32), (tuple(new_cache) if new_cache is not None else None)
+            logits = self.lm_head(hidden)
+        return nn.with_logical_constraint(logits, ("batch", "length", "vocab")).astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids=None,
+        inputs_embeds=None,
+        attention_mask=None,
+        positions=None,
+        cache=None,
+        cache_index=None,
+    ):
+        x, new_cache = self.hidden_states(input_ids, inputs_embeds, attention_mask, positions, cache, cache_index)
+        return self.logits(x), new_cache
 
 
 def default_positions(attention_mask):
@@ -368,12 +356,10 @@ def default_positions(attention_mask):
 
 
 def init_cache(config, batch: int, slots: int, dtype=None):
-    """Zero KV cache: tuple over layers of {"k", "v": [batch, slots, K, D]}."""
+    """Zero KV cache {"k", "v": [layers, batch, slots, K, D]}."""
     dtype = _dtype(dtype or config.dtype)
-    shape = (batch, slots, config.num_key_value_heads, config.head_dim)
-    return tuple(
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_hidden_layers)
-    )
+    shape = (config.num_hidden_layers, batch, slots, config.num_key_value_heads, config.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 
 def init_params(config, rng, *, boxed: bool = False):
@@ -390,101 +376,5 @@ def param_specs(config):
     return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), input_ids=jnp.zeros((1, 2), jnp.int32)))["params"]
 
 
-# --------------------------------------------------------------------------------------------- loading
-
-
-def hf_key_rule(key: str):
-    """Maps an HF ``LlamaForCausalLM`` state-dict key to (flax path, transform); None to ignore."""
-    if key.endswith("rotary_emb.inv_freq"):
-        return None  # a buffer in older checkpoints
-    parts = key.split(".")
-    if parts[0] == "lm_head":
-        return ("lm_head", "kernel"), weights_lib.linear_t
-    if parts[0] != "model":
-        return ("<unknown>", key), weights_lib.identity
-    rest = parts[1:]
-    if rest == ["embed_tokens", "weight"]:
-        return ("model", "embed_tokens", "embedding"), weights_lib.identity
-    if rest == ["norm", "weight"]:
-        return ("model", "norm", "weight"), weights_lib.identity
-    if len(rest) >= 4 and rest[0] == "layers":
-        layer = f"layers_{rest[1]}"
-        sub = rest[2:]
-        if sub[-1] == "weight" and sub[0] in ("input_layernorm", "post_attention_layernorm") and len(sub) == 2:
-            return ("model", layer, sub[0], "weight"), weights_lib.identity
-        if len(sub) == 3 and sub[0] in ("self_attn", "mlp") and sub[2] == "weight":
-            return ("model", layer, sub[0], sub[1], "kernel"), weights_lib.linear_t
-    return ("<unknown>", key), weights_lib.identity
-
-
-def flax_param_shapes(config):
-    """Flat {HF-style path: shape} of the params (decoder under "model", as the HF keys are)."""
-    shapes = weights_lib.param_shapes(param_specs(config))
-    # Our module tree has the decoder at top level; the HF tree has it under "model". Map both ways.
-    return {(("model",) + k) if k[0] != "lm_head" else k: v for k, v in shapes.items()}
-
-
-def hf_shard_files(model_dir: str) -> list[str]:
-    """Weight files of an HF checkpoint directory, in index order."""
-    for index_name, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        index_path = os.path.join(model_dir, index_name)
-        if os.path.isfile(index_path):
-            return weights_lib.index_shard_files(index_path)
-        if os.path.isfile(os.path.join(model_dir, single)):
-            return [os.path.join(model_dir, single)]
-    raise weights_lib.WeightFileError(
-        f"no LLaMA weights in {model_dir}: expected model.safetensors[.index.json] or pytorch_model.bin[.index.json]"
-    )
-
-
-def load_hf_llama(model_dir, config=None, dtype=jnp.bfloat16):
-    """Loads an HF LLaMA checkpoint directory into Flax params of ``LlamaForCausalLM(config)``.
-
-    Reads ``config.json`` (unless ``config`` is given) and the sharded ``pytorch_model-*.bin`` (torch
-    ``weights_only=True``) or ``*.safetensors`` files listed in the index, one shard at a time: each
-    shard's tensors are converted to ``dtype`` and transposed, then the shard is dropped before the
-    next is read (peak memory ~ params in ``dtype`` + one shard). Raises ``WeightFileError`` naming a
-    missing/corrupt shard and one ``WeightMismatchError`` listing all missing/unexpected/mis-shaped keys.
-
-    Returns (params, config): params is a nested dict of jax arrays in ``dtype``.
-    """
-    model_dir = os.fspath(model_dir)
-    if config is None:
-        config = llama_config_from_hf(model_dir)
-    np_dtype = np.dtype(jnp.dtype(dtype))
-    shapes = flax_param_shapes(config)
-    converted: dict[str, np.ndarray] = {}
-    for path in hf_shard_files(model_dir):
-        shard = weights_lib.load_weight_file(path)
-        for key in list(shard.keys()):
-            value = shard.pop(key)
-            r = hf_key_rule(key)
-            if r is None:
-                continue
-            _, transform = r
-            converted[key] = transform(np.asarray(value)).astype(np_dtype, copy=False)
-            del value
-        del shard
-
-    def rule(key):
-        r = hf_key_rule(key)
-        return None if r is None else (r[0], weights_lib.identity)
-
-    tree = weights_lib.assign_params(converted, rule, shapes, source=model_dir, dtype=None)
-    converted.clear()
-    # Flatten our module tree: HF's "model" level is our top level.
-    params = dict(tree.pop("model"))
-    params.update(tree)
-
-    def to_jax(node: dict) -> dict:
-        out = {}
-        for k in list(node):
-            v = node.pop(k)  # drop the numpy copy as soon as the device copy exists
-            out[k] = to_jax(v) if isinstance(v, dict) else jnp.asarray(v, dtype=dtype)
-            del v
-        return out
-
-    return to_jax(params), config
+# (parent path, name) of the repeated layers: stacked on a leading axis when ``scan_layers``.
+LLAMA_STACKS = (((), "layers"),)

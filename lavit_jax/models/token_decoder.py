@@ -14,10 +14,7 @@ from flax import linen as nn
 
 from lavit_jax.ops.attention import dot_product_attention
 from lavit_jax.ops.layers import LayerNorm, Mlp, dense, merge_heads, split_heads
-
-
-def _dtype(name):
-    return jnp.dtype(name)
+from lavit_jax.ops.scan import apply_layers
 
 
 class DecoderSelfAttention(nn.Module):
@@ -61,7 +58,7 @@ class DecoderCrossAttention(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """x += self_attn(norm0 x); x += cross_attn(norm1 x, codes); x += mlp(norm2 x)."""
+    """x += self_attn(norm0 x); x += cross_attn(norm1 x, codes); x += mlp(norm2 x). -> (x, None)."""
 
     heads: int
     mlp_hidden: int
@@ -78,7 +75,7 @@ class DecoderBlock(nn.Module):
         x = x + DecoderCrossAttention(self.heads, name="cross_attn", **kw)(
             LayerNorm(self.eps, name="norm1", **kw)(x), codes, mask)
         x = x + Mlp(self.mlp_hidden, name="mlp", **kw)(LayerNorm(self.eps, name="norm2", **kw)(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), None
 
 
 class AttentionPool(nn.Module):
@@ -118,7 +115,7 @@ class TokenDecoder(nn.Module):
         """``features_only``: return the decode_task_layer output [B, Q, decoder_out_dim] (the
         stage-1 reconstruction of the encoder features) instead of the UNet condition."""
         cfg = self.config
-        dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         c = cfg.width
         num_queries = (cfg.image_size // cfg.patch_size) ** 2
@@ -133,9 +130,10 @@ class TokenDecoder(nn.Module):
         query = self.param("query_embed", init, (1, num_queries, c), param_dtype)
         x = x + pos[:, :n].astype(x.dtype)
         h = jnp.broadcast_to(query.astype(dtype), (b, num_queries, c))
-        for i in range(cfg.decoder_depth):
-            h = DecoderBlock(cfg.heads, int(c * cfg.mlp_ratio), cfg.tokenizer_layernorm_eps,
-                             attention_impl=cfg.attention_impl, name=f"blocks_{i}", **kw)(h, x, mask)
+        block_args = (cfg.heads, int(c * cfg.mlp_ratio), cfg.tokenizer_layernorm_eps)
+        h, _ = apply_layers(DecoderBlock, cfg.decoder_depth, "blocks", h, x, mask, scan=cfg.scan_layers,
+                            remat=cfg.remat, block_args=block_args,
+                            block_kwargs=dict(attention_impl=cfg.attention_impl, **kw))
         h = LayerNorm(cfg.tokenizer_layernorm_eps, name="norm", **kw)(h)
         h = dense(c, ("embed", "mlp"), name="decode_task_layer_0", **kw)(h)
         h = dense(cfg.decoder_out_dim, ("mlp", "embed"), name="decode_task_layer_2", **kw)(jnp.tanh(h))
@@ -150,3 +148,7 @@ class TokenDecoder(nn.Module):
         ], axis=-1)
         pooled = AttentionPool(cfg.heads, cfg.pooled_dim, name="unet_attnpool", **kw)(h)
         return prompt, pooled
+
+
+# (parent path, name) of the repeated layers: stacked on a leading axis when ``scan_layers``.
+DECODER_STACKS = (((), "blocks"),)

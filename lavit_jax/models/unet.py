@@ -3,7 +3,7 @@
 Layout is NHWC throughout: ``sample`` [B, H, W, C_in] -> noise prediction [B, H, W, C_out].
 Module names follow the diffusers state-dict keys with list indices joined by ``_``
 (``down_blocks.0.resnets.1.conv1.weight`` -> ``down_blocks_0/resnets_1/conv1/kernel``) so a released
-``diffusion_pytorch_model.bin`` maps onto the params by one generic rule (``diffusers_rule``).
+``diffusion_pytorch_model.bin`` maps onto the params by one generic rule (``lavit_jax.convert.diffusers``).
 
 Supported config (the two released variants and small test versions of them): down blocks
 ``CrossAttnDownBlock2D``/``DownBlock2D``, mid ``UNetMidBlock2DCrossAttn`` (or none), up blocks
@@ -19,16 +19,12 @@ Building blocks shared with the VAE (GroupNorm, Conv, ResnetBlock2D, Down/Upsamp
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import linen as nn
 
-from lavit_jax.convert.torch_io import conv_t, linear_t, load_json_config
 from lavit_jax.ops.attention import dot_product_attention
 from lavit_jax.ops.layers import LayerNorm, dense, merge_heads, split_heads
 
@@ -43,29 +39,20 @@ _TOKENS = ("batch", "length", None)
 # --------------------------------------------------------------------------------------------------
 
 
-class GroupNorm(nn.Module):
-    """torch ``GroupNorm`` over the channel (last) axis, statistics in float32. x: [B, ..., C]."""
-
-    num_groups: int = 32
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        if c % self.num_groups:
-            raise ValueError(f"GroupNorm: {c} channels are not divisible by {self.num_groups} groups")
-        part = nn.with_logical_partitioning
-        scale = self.param("scale", part(nn.initializers.ones, ("norm",)), (c,), self.param_dtype)
-        bias = self.param("bias", part(nn.initializers.zeros, ("norm",)), (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        grouped = xf.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axes, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.eps)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+def GroupNorm(num_groups: int = 32, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
+              name: str | None = None) -> nn.GroupNorm:
+    """torch ``GroupNorm`` over the channel (last) axis: ``nn.GroupNorm`` with float32 two-pass statistics,
+    output cast to ``dtype``. x: [B, ..., C]."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
 
 
 def conv(features: int, kernel: int = 3, *, stride: int = 1, padding=None, dtype=jnp.float32,
@@ -436,11 +423,6 @@ def unet_config(diffusers_config: dict) -> ml_collections.FrozenConfigDict:
     ))
 
 
-def load_unet_config(path: str | os.PathLike) -> ml_collections.FrozenConfigDict:
-    """Reads ``unet/config.json`` (a file or its folder)."""
-    return load_json_config(path, "config.json", unet_config, "UNet config")
-
-
 # --------------------------------------------------------------------------------------------------
 # The UNet
 # --------------------------------------------------------------------------------------------------
@@ -632,55 +614,6 @@ class UNet2DConditionModel(nn.Module):
         return conv(cfg.out_channels, 3, name="conv_out", **kw)(nn.silu(x))
 
 
-# --------------------------------------------------------------------------------------------------
-# Weights
-# --------------------------------------------------------------------------------------------------
-
-# Old-style diffusers attention names (VAE checkpoints written before diffusers 0.14).
-_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-
-def diffusers_path(key: str) -> tuple[str, ...]:
-    """``down_blocks.0.resnets.1.conv1`` -> ("down_blocks_0", "resnets_1", "conv1")."""
-    parts: list[str] = []
-    for p in key.split("."):
-        p = _LEGACY_ATTENTION.get(p, p)
-        for q in p.split("."):
-            if q.isdigit() and parts:
-                parts[-1] = f"{parts[-1]}_{q}"
-            else:
-                parts.append(q)
-    return tuple(parts)
-
-
-def _squeeze_1x1(w: np.ndarray) -> np.ndarray:
-    return linear_t(w.reshape(w.shape[0], w.shape[1]))
-
-
-def diffusers_rule(shapes: dict[tuple[str, ...], tuple[int, ...]]):
-    """Rule for ``weights.assign_params``: diffusers key -> (Flax path, transform) by name and rank.
-
-    4-D weights are convs (``conv_t``), 2-D are linears (``linear_t``), 1-D weights are norm scales;
-    a 1x1 conv weight whose Flax param is a Dense kernel (legacy VAE attention) is squeezed.
-    """
-
-    def rule(key: str):
-        if not key.endswith((".weight", ".bias")):
-            return diffusers_path(key), np.asarray
-        stem, leaf = key.rsplit(".", 1)
-        path = diffusers_path(stem)
-        if leaf == "bias":
-            return path + ("bias",), np.asarray
-        kernel = path + ("kernel",)
-        if kernel in shapes and len(shapes[kernel]) == 2:
-            return kernel, (lambda w: _squeeze_1x1(w) if w.ndim == 4 else linear_t(w))
-        if kernel in shapes and len(shapes[kernel]) == 4:
-            return kernel, conv_t
-        return path + ("scale",), np.asarray
-
-    return rule
-
-
 def init_unet_params(model: UNet2DConditionModel, key, sample_hw: Sequence[int] | None = None, batch: int = 1,
                      context_len: int = 8):
     """Boxed (logically partitioned) params for ``model`` from random init."""
@@ -703,3 +636,9 @@ def dummy_unet_inputs(cfg, batch: int, hw: Sequence[int], context_len: int):
         text_embeds = jnp.zeros((batch, pooled), jnp.float32)
         time_ids = jnp.zeros((batch, n_ids), jnp.float32)
     return sample, t, ctx, mask, text_embeds, time_ids
+
+
+def example_inputs(config, batch: int = 1):
+    """Small example inputs for ``UNet2DConditionModel.init`` (only their shapes matter)."""
+    hw = (2 ** (len(config.block_out_channels) - 1),) * 2
+    return dummy_unet_inputs(config, batch, hw, 1)

@@ -10,14 +10,11 @@ attention names included).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from lavit_jax.convert.torch_io import load_json_config
 from lavit_jax.models.unet import Downsample2D, GroupNorm, ResnetBlock2D, Upsample2D, conv
 from lavit_jax.ops.attention import dot_product_attention
 from lavit_jax.ops.layers import dense
@@ -57,11 +54,6 @@ def vae_config(diffusers_config: dict) -> ml_collections.FrozenConfigDict:
         use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
         mid_block_add_attention=bool(d.get("mid_block_add_attention", True)),
     ))
-
-
-def load_vae_config(path: str | os.PathLike) -> ml_collections.FrozenConfigDict:
-    """Reads ``vae/config.json`` (a file or its folder)."""
-    return load_json_config(path, "config.json", vae_config, "VAE config")
 
 
 class VAEAttention(nn.Module):
@@ -259,3 +251,9 @@ def decode_to_images(model: AutoencoderKL, params, latents, *, float32: bool = T
     z = latents_to_vae(latents, model.config)
     images = model.apply({"params": params}, z, method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+
+def example_inputs(config):
+    """Small example inputs for ``AutoencoderKL.init``."""
+    f = 2 ** (len(config.block_out_channels) - 1)
+    return (jnp.zeros((1, f, f, config.in_channels), jnp.float32),)

@@ -34,29 +34,18 @@ def dense(
     )
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 (as the reference's fp16-safe LayerNorm), cast back to dtype.
-
-    x: [..., C] -> [..., C].
-    """
-
-    eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        ones = nn.with_logical_partitioning(nn.initializers.ones, ("norm",))
-        zeros = nn.with_logical_partitioning(nn.initializers.zeros, ("norm",))
-        scale = self.param("scale", ones, (c,), self.param_dtype)
-        bias = self.param("bias", zeros, (c,), self.param_dtype)
-        xf = x.astype(jnp.float32)
-        mean = xf.mean(-1, keepdims=True)
-        var = jnp.square(xf - mean).mean(-1, keepdims=True)
-        y = (xf - mean) * jnp.reciprocal(jnp.sqrt(var + self.eps))
-        y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return y.astype(self.dtype)
+def LayerNorm(eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    """``nn.LayerNorm`` as torch computes it: statistics in float32 with the two-pass variance, output
+    cast to ``dtype``; scale/bias named ``norm``. x: [..., C] -> [..., C]."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+        name=name,
+    )
 
 
 class Mlp(nn.Module):

@@ -19,6 +19,7 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Default rules: batch over data+fsdp, weights' embed dim over fsdp, heads/mlp/vocab over tensor.
 DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("batch", ("data", "fsdp")),
+    ("layers", None),  # the stacked axis of scanned layers
     ("length", None),
     ("kv_length", None),
     ("embed", "fsdp"),

@@ -15,18 +15,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import linen as nn
-from flax import struct
 from flax.core import meta
+from flax.training import train_state
 
 from lavit_jax.models import codebook as cb
 from lavit_jax.models.token_decoder import TokenDecoder
 from lavit_jax.models.tokenizer import DynamicVisualTokenizer, compact
+from lavit_jax.ops.config import freeze
 
 
 class Stage1Model(nn.Module):
     """DynamicVisualTokenizer + the feature-reconstruction token decoder."""
 
-    config: ml_collections.ConfigDict
+    config: ml_collections.FrozenConfigDict
 
     def setup(self):
         c = self.config
@@ -57,10 +58,9 @@ def cosine_loss(rec, target):
     return jnp.mean(1.0 - jnp.sum(cb.l2_normalize(rec) * cb.l2_normalize(target), axis=-1))
 
 
-class TrainState(struct.PyTreeNode):
-    step: jax.Array
-    params: dict
-    opt_state: optax.OptState
+class TrainState(train_state.TrainState):
+    """flax's TrainState (step, params, tx, opt_state) + the EMA codebook statistics and the step RNG."""
+
     ema: dict
     rng: jax.Array
 
@@ -87,7 +87,7 @@ def make_optimizer(tc: ml_collections.ConfigDict, params):
 def init_params(config, rng):
     """Boxed (logically partitioned) Stage1Model params."""
     x = jnp.zeros((1, config.tokenizer.image_size, config.tokenizer.image_size, 3), jnp.float32)
-    return Stage1Model(config.tokenizer).init({"params": rng}, x, jax.random.key(0))["params"]
+    return Stage1Model(freeze(config.tokenizer)).init({"params": rng}, x, jax.random.key(0))["params"]
 
 
 def init_ema(params):
@@ -97,15 +97,14 @@ def init_ema(params):
 
 def init_state(config, rng, params=None) -> TrainState:
     params = meta.unbox(params if params is not None else init_params(config, rng))
-    tx = make_optimizer(config.train, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      ema=init_ema(params), rng=jax.random.fold_in(rng, 1))
+    return TrainState.create(apply_fn=None, params=params, tx=make_optimizer(config.train, params),
+                             ema=init_ema(params), rng=jax.random.fold_in(rng, 1))
 
 
 def train_step(config, state: TrainState, pixels):
     """One optimisation step. Returns (new state, metrics)."""
     tc = config.train
-    model = Stage1Model(config.tokenizer)
+    model = Stage1Model(freeze(config.tokenizer))
     rng, step_rng = jax.random.split(state.rng)
 
     def loss_fn(params):
@@ -120,9 +119,8 @@ def train_step(config, state: TrainState, pixels):
                                 keep_ratio=keep_ratio.mean()))
 
     (_, (out, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    tx = make_optimizer(tc, state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    state = state.apply_gradients(grads=grads)
+    params = state.params
     zn = jax.lax.stop_gradient(out["zn"]).reshape(-1, out["zn"].shape[-1])
     ema, codebook = cb.ema_update(state.ema, zn, out["ids"].reshape(-1), (out["keep"] > 0.5).reshape(-1),
                                   tc.ema_decay)
@@ -130,4 +128,4 @@ def train_step(config, state: TrainState, pixels):
     params["tokenizer"]["quantize"]["embedding"] = codebook.astype(params["tokenizer"]["quantize"]["embedding"].dtype)
     metrics["grad_norm"] = optax.global_norm(grads)
     metrics["codes_used"] = jnp.sum(ema["cluster_size"] > 1e-3)
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=rng), metrics
+    return state.replace(params=params, ema=ema, rng=rng), metrics

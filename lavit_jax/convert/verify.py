@@ -21,6 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lavit_jax import checkpoint
+from lavit_jax.convert import tokenizer as convert_tokenizer
+from lavit_jax.models import llama
+from lavit_jax.models.unet import UNet2DConditionModel
+from lavit_jax.models.vae import AutoencoderKL, decode_to_images
+
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 
 
@@ -44,10 +50,7 @@ def verify_language_model(src, out, tol, log, rng) -> bool:
     import torch
     import transformers
 
-    from lavit_jax import checkpoint
-    from lavit_jax.models import llama
-
-    cfg = llama.llama_config_from_hf(os.path.join(out, "language_model", "config.json"))
+    cfg = checkpoint.read_llama_config(os.path.join(out, "language_model", "config.json"))
     params = _f32(checkpoint.load_tree(os.path.join(out, "language_model", "params")))
     ids = rng.integers(0, cfg.vocab_size, size=(2, 12))
     logits, _ = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32))
@@ -65,14 +68,10 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
 
-    from lavit_jax import checkpoint
-    from lavit_jax.models.unet import UNet2DConditionModel, load_unet_config
-    from lavit_jax.models.vae import AutoencoderKL, decode_to_images, load_vae_config
-
     root = os.path.join(out, folder)
     ok = True
     # UNet
-    cfg = load_unet_config(os.path.join(root, "unet_config.json"))
+    cfg = checkpoint.read_unet_config(os.path.join(root, "unet_config.json"))
     hw = 2 ** (len(cfg.block_out_channels) - 1) * 2
     x = rng.standard_normal((1, hw, hw, cfg.in_channels)).astype(np.float32)
     ctx = rng.standard_normal((1, 7, cfg.cross_attention_dim[0])).astype(np.float32)
@@ -96,7 +95,7 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
     del ref_unet
     ok &= _report(f"{folder}/unet", ours, ref, tol, log)
     # VAE (stored in float32 whatever --dtype)
-    vcfg = load_vae_config(os.path.join(root, "vae_config.json"))
+    vcfg = checkpoint.read_vae_config(os.path.join(root, "vae_config.json"))
     z = rng.standard_normal((1, 4, 4, vcfg.latent_channels)).astype(np.float32)
     vparams = _f32(checkpoint.load_tree(os.path.join(root, "vae")))
     ours = decode_to_images(AutoencoderKL(vcfg), vparams, jnp.asarray(z))
@@ -109,10 +108,8 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
 
 
 def verify_visual_tokenizer(src, out, tol, log, rng) -> bool:
-    from lavit_jax.models import tokenizer as T
-
-    vt = T.load_converted(out)
-    direct = T.load_visual_tokenizer(src, vt.config)
+    vt = checkpoint.load_visual_tokenizer(out)
+    direct = convert_tokenizer.load_visual_tokenizer(src, vt.config)
     ours = np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(vt.params)])
     ref = np.concatenate([np.asarray(a, np.float64).ravel() for a in jax.tree.leaves(direct)])
     return _report("visual_tokenizer (params)", ours, ref, tol, log)
