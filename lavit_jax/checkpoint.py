@@ -144,8 +144,9 @@ def read_llama_config(path, **runtime) -> ml_collections.FrozenConfigDict:
 
 
 def to_device(tree, dtype=None):
-    """numpy tree -> jax arrays (optionally cast to ``dtype``)."""
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype), tree)
+    """numpy tree -> jax arrays (optionally cast to ``dtype`` on the host; ``jax.device_put`` compiles nothing)."""
+    np_dtype = None if dtype is None else jnp.dtype(dtype)
+    return jax.tree.map(lambda a: jax.device_put(np.asarray(a, dtype=np_dtype)), tree)
 
 
 # ------------------------------------------------------------------------------------------ parts

@@ -6,6 +6,8 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile from scratch unless a test turns the persistent compilation cache on itself.
+os.environ.setdefault("LAVIT_COMPILATION_CACHE", "0")
 
 import pathlib  # noqa: E402
 

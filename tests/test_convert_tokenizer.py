@@ -50,7 +50,21 @@ def test_convert_roundtrip_and_source_untouched(src, tmp_path):
     # bf16 storage
     out16 = tmp_path / "bf16"
     assert conv.main(["--src", str(src), "--out", str(out16), "--config", TINY, "--dtype", "bf16"]) == 0
-    assert str(jax.tree.leaves(checkpoint.load_visual_tokenizer(str(out16)).params)[0].dtype) == "bfloat16"
+    vt16 = checkpoint.load_visual_tokenizer(str(out16))
+    # as the release's convert_weights_to_bf16: only Linear/Conv weights and biases become bf16; LayerNorms,
+    # q_bias/v_bias, cls_token, pos_embed, learned queries/positions and the codebook stay float32
+    kept_f32 = {"q_bias", "v_bias", "cls_token", "pos_embed", "query_embed", "positional_embedding", "embedding",
+                "scale"}
+    for tree in (vt16.params, *vt16.decoder_params.values()):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            names = [p.key for p in path]
+            parent = tree
+            for n in names[:-1]:
+                parent = parent[n]
+            layer_norm_bias = names[-1] == "bias" and "scale" in parent
+            want = "float32" if names[-1] in kept_f32 or layer_norm_bias else "bfloat16"
+            assert str(leaf.dtype) == want, ("/".join(names), str(leaf.dtype))
+    assert str(vt16.params["encoder"]["blocks"]["attn"]["qkv"]["kernel"].dtype) == "bfloat16"
 
 
 def test_partial_source_converts_what_is_there(src, tmp_path, capsys):

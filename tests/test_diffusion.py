@@ -74,7 +74,7 @@ def perturbed(module, seed):
 @pytest.fixture(scope="module")
 def tok_config():
     if not VT.is_dir():
-        pytest.skip(f"fixture checkpoint missing: {VT}")
+        pytest.fail(f"fixture checkpoint missing: {VT}")
     return tiny.get_config().tokenizer
 
 
@@ -90,7 +90,8 @@ def reference_condition(tok_config, highres):
     return jax.tree.map(lambda a: torch.tensor(np.asarray(a)), out)
 
 
-def torch_reference(unet, vae, scheduler, cond, noise, *, uncond=None, pooled=None, size=16):
+def torch_reference(unet, vae, scheduler, cond, noise, *, uncond=None, pooled=None, size=16, steps=None,
+                    guidance=None):
     """LaVIT's decoding loop with diffusers modules (float32)."""
     b, s, d = cond.shape
     kwargs = {}
@@ -106,14 +107,15 @@ def torch_reference(unet, vae, scheduler, cond, noise, *, uncond=None, pooled=No
         ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(b, 1)
         kwargs["added_cond_kwargs"] = {"text_embeds": torch.cat([torch.zeros_like(pooled), pooled]),
                                        "time_ids": torch.cat([ids, ids])}
-    scheduler.set_timesteps(STEPS)
+    scheduler.set_timesteps(steps or STEPS)
+    g = GUIDANCE if guidance is None else guidance
     latents = noise * scheduler.init_noise_sigma
     with torch.no_grad():
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             eps = unet(inp, t, encoder_hidden_states=context, **kwargs).sample
             eps_u, eps_c = eps.chunk(2)
-            latents = scheduler.step(eps_u + GUIDANCE * (eps_c - eps_u), t, latents).prev_sample
+            latents = scheduler.step(eps_u + g * (eps_c - eps_u), t, latents).prev_sample
         images = vae.decode(latents / vae.config.scaling_factor).sample
     return (images / 2 + 0.5).clamp(0, 1).numpy().transpose(0, 2, 3, 1), latents.numpy().transpose(0, 2, 3, 1)
 
@@ -194,6 +196,35 @@ def test_highres_detokenizer_euler_with_progress_matches_reference(tok_config, h
                                               torch.tensor(noise.transpose(0, 3, 1, 2)), pooled=pooled, size=16)
     assert rel_err(latents, ref_latents) < 1e-4
     assert rel_err(images, ref_images) < 1e-4
+
+
+@pytest.mark.parity
+def test_step_counts_share_one_compiled_sampler(tok_config, highres_parts):
+    """Step counts within a bucket (here 3, 5 and 7 -> 8) reuse the compiled sampler, and each still equals
+    diffusers' sampler run for exactly that many steps."""
+    unet_t, vae_t, unet, unet_params, vae, vae_params = highres_parts
+    pipe = diffusion.DiffusionPipeline(unet_params=unet_params, vae_params=vae_params, unet=unet, vae=vae,
+                                       scheduler_config=schedulers.scheduler_config(SCHED, kind="ddim"))
+    codebook = CT.load_codebook(VT / "tokenizer_encoder.bin")
+    dec_params = CT.load_token_decoder(VT / "highres_tokenizer_decoder.bin", tok_config, True)
+    detok = Detokenizer(tok_config, codebook, dec_params, pipe, "highres")
+    noise = noise_nhwc(2)
+    detok.generate(IDS, LENGTHS, steps=2, guidance=GUIDANCE, noise=noise)  # compiles the 8-step bucket
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        latents = {n: detok.generate(IDS, LENGTHS, steps=n, guidance=g, noise=noise)[1]
+                   for n, g in ((3, GUIDANCE), (5, 2.5), (7, GUIDANCE))}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    prompt, pooled = reference_condition(tok_config, highres=True)
+    for n, g in ((3, GUIDANCE), (5, 2.5)):
+        ref_sched = DDIMScheduler.from_config(SCHED)
+        _, ref = torch_reference(unet_t, vae_t, ref_sched, prompt, torch.tensor(noise.transpose(0, 3, 1, 2)),
+                                 pooled=pooled, size=16, steps=n, guidance=g)
+        assert rel_err(latents[n], ref) < 1e-4, n
 
 
 def test_conditions_and_errors():

@@ -147,3 +147,32 @@ def test_codebook_module_roundtrip():
     q, ids = cb.apply({"params": params}, jnp.asarray(emb[[3, 7]] * 5.0))
     np.testing.assert_array_equal(ids, [3, 7])
     np.testing.assert_allclose(q, emb[[3, 7]], rtol=1e-6)
+
+
+@pytest.mark.parity
+def test_sampled_keep_matches_reference_gumbel_distribution(tiny):
+    """keep='sample' is the release's F.gumbel_softmax(hard=True) draw: per patch, the keep frequency over many
+    seeds equals p_keep (and torch's own hard Gumbel frequency) within binomial error."""
+    import torch
+    import torch.nn.functional as F
+
+    cfg, vt, pixels = tiny
+    logprob = vt.model.apply({"params": vt.params}, pixels[:1])["selector_logprob"]  # [1, N, 2]
+    p_keep = np.exp(np.asarray(logprob)[0, :, 0], dtype=np.float64)
+    n = 2000
+    keys = jax.random.split(jax.random.key(7), n)
+    ours = np.asarray(jax.vmap(lambda k: T.keep_decisions(logprob, "gumbel", k))(keys))[:, 0]  # [n, N]
+    assert set(np.unique(ours)) <= {0.0, 1.0}
+    torch.manual_seed(0)
+    ref = F.gumbel_softmax(torch.tensor(np.asarray(logprob)[0]).expand(n, -1, -1), tau=1, hard=True)[..., 0].numpy()
+    sigma = np.sqrt(p_keep * (1 - p_keep) / n) + 1e-3
+    assert np.all(np.abs(ours.mean(0) - p_keep) <= 5 * sigma)
+    assert np.all(np.abs(ref.mean(0) - p_keep) <= 5 * sigma)  # the reference draws the same distribution
+    assert 0.05 < p_keep.mean() < 0.95  # a non-degenerate case
+    # seeded: the same seed gives the same decisions, another seed others
+    images = list(np.asarray(jax.random.uniform(jax.random.key(5), (2, 32, 32, 3))))
+    a, _ = vt.tokenize(images, mode="sample", seed=3)
+    b, _ = vt.tokenize(images, mode="sample", seed=3)
+    c, _ = vt.tokenize(images, mode="sample", seed=4)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

@@ -69,6 +69,26 @@ def _np_dtype(dtype):
     return np.float32 if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
+def linear_weights_to(tree: dict, dtype) -> dict:
+    """Casts the Linear/Conv weights and biases (a module's ``kernel`` and its ``bias``) to ``dtype`` and keeps
+    everything else in float32, as the release's ``convert_weights_to_bf16`` does for the visual tokenizer
+    (LayerNorms, ``q_bias``/``v_bias``, ``cls_token``, ``pos_embed``, query embeddings, the codebook stay f32).
+    """
+    dtype = _np_dtype(dtype)
+
+    def walk(node):
+        linear = "kernel" in node
+        out = {}
+        for k, v in node.items():
+            if isinstance(v, dict):
+                out[k] = walk(v)
+            else:
+                out[k] = np.asarray(v).astype(dtype if linear and k in ("kernel", "bias") else np.float32)
+        return out
+
+    return walk(tree)
+
+
 def tokenizer_param_shapes(config):
     """Flat {unscanned flax path: shape} of the DynamicVisualTokenizer params (no compute)."""
     model = DynamicVisualTokenizer(freeze(config, scan_layers=False))
@@ -114,7 +134,7 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
     enc_path = os.path.join(vt_dir, VISUAL_TOKENIZER_FILES["encoder"])
     enc_sd = torch_io.load_torch_file(enc_path)
     enc = torch_io.assign_params(enc_sd, released_key_rule(enc_sd, ignore=("norm", "head")), enc_shapes,
-                                 source=enc_path, dtype=np_dtype)
+                                 source=enc_path, dtype=np.float32)
     del enc_sd
     tok_path = os.path.join(vt_dir, VISUAL_TOKENIZER_FILES["tokenizer"])
     tok_sd = torch_io.load_torch_file(tok_path)
@@ -126,9 +146,9 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
                 f"checkpoint {understanding_weights}: keys not in {VISUAL_TOKENIZER_FILES['tokenizer']}: "
                 + ", ".join(bad))
         tok_sd.update(over)
-    rest = torch_io.assign_params(tok_sd, released_key_rule(tok_sd), rest_shapes, source=tok_path, dtype=np_dtype)
+    rest = torch_io.assign_params(tok_sd, released_key_rule(tok_sd), rest_shapes, source=tok_path, dtype=np.float32)
     rest["encoder"] = enc
-    return scan.relayout(rest, TOKENIZER_STACKS, config.scan_layers)
+    return scan.relayout(linear_weights_to(rest, np_dtype), TOKENIZER_STACKS, config.scan_layers)
 
 
 def load_visual_weight(path, config, dtype=None) -> dict:
@@ -137,17 +157,17 @@ def load_visual_weight(path, config, dtype=None) -> dict:
     shapes = tokenizer_param_shapes(config)
     rule = released_key_rule(sd)
     mapped = {rule(k)[0] for k in sd}
-    tree = torch_io.assign_params(sd, rule, shapes, source=os.fspath(path), dtype=_np_dtype(dtype),
+    tree = torch_io.assign_params(sd, rule, shapes, source=os.fspath(path), dtype=np.float32,
                                   ignore_missing=[p for p in shapes if p not in mapped])
-    return scan.relayout(tree, TOKENIZER_STACKS, config.scan_layers)
+    return scan.relayout(linear_weights_to(tree, dtype), TOKENIZER_STACKS, config.scan_layers)
 
 
 def load_token_decoder(path, config, highres: bool, dtype=None):
     """TokenDecoder params from ``tokenizer_decoder.bin`` / ``highres_tokenizer_decoder.bin``."""
     sd = torch_io.load_torch_file(path)
     tree = torch_io.assign_params(sd, released_key_rule(sd), decoder_param_shapes(config, highres),
-                                  source=os.fspath(path), dtype=_np_dtype(dtype))
-    return scan.relayout(tree, DECODER_STACKS, config.scan_layers)
+                                  source=os.fspath(path), dtype=np.float32)
+    return scan.relayout(linear_weights_to(tree, dtype), DECODER_STACKS, config.scan_layers)
 
 
 def load_codebook(path) -> np.ndarray:

@@ -11,12 +11,17 @@ mis-shaped key together in one ``WeightMismatchError``.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import traverse_util
+from flax.core import meta
+from safetensors import safe_open
+from safetensors.numpy import load_file
 
 
 class WeightFileError(ValueError):
@@ -33,8 +38,6 @@ def tensor_to_numpy(t) -> np.ndarray:
 
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -72,8 +75,6 @@ def load_safetensors_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise WeightFileError(f"weight file not found: {path}")
-    from safetensors.numpy import load_file
-
     try:
         return dict(load_file(path))
     except Exception as e:
@@ -89,8 +90,6 @@ def load_weight_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def index_shard_files(index_path) -> list[str]:
     """Paths of the shards a ``*.index.json`` names (its ``weight_map`` values, first-seen order)."""
-    import json
-
     index_path = os.fspath(index_path)
     try:
         with open(index_path) as f:
@@ -110,8 +109,6 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     if not os.path.isfile(path):
         raise WeightFileError(f"weight file not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors import safe_open
-
         try:
             f = safe_open(path, framework="pt")
             keys = list(f.keys())
@@ -124,11 +121,9 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
                 raise WeightFileError(f"cannot read tensor {k!r} of {path}: {type(e).__name__}: {e}") from e
             yield k, tensor_to_numpy(t)
         return
-    import torch
-
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        sd = load_torch_object(path, mmap=True)
+    except WeightFileError:
         sd = None
     if sd is None:  # not a zip pickle (mmap needs one), or corrupt: the plain loader names the problem
         yield from load_torch_file(path).items()
@@ -170,8 +165,6 @@ def identity(w: np.ndarray) -> np.ndarray:
 
 def param_shapes(params) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flat {path: shape} of a (possibly boxed / ShapeDtypeStruct) param tree."""
-    from flax.core import meta
-
     # Take the boxed values directly: meta.unbox would apply sharding constraints under a mesh.
     params = jax.tree.map(lambda x: x.value if isinstance(x, meta.AxisMetadata) else x, params,
                           is_leaf=lambda x: isinstance(x, meta.AxisMetadata))

@@ -13,6 +13,7 @@ import shutil
 import tempfile
 
 import numpy as np
+from transformers import LlamaTokenizer
 
 
 class TextTokenizer:
@@ -23,6 +24,8 @@ class TextTokenizer:
         self.bos_id = int(hf_tokenizer.bos_token_id)
         self.eos_id = int(hf_tokenizer.eos_token_id)
         self.pad_id = self.eos_id
+        hf_tokenizer.pad_token = hf_tokenizer.eos_token  # the reference pads with eos ...
+        hf_tokenizer.padding_side = "left"  # ... on the left
         self.vocab_size = len(hf_tokenizer)
 
     def encode(self, text: str) -> list[int]:
@@ -30,21 +33,19 @@ class TextTokenizer:
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def encode_batch(self, texts, length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Left-padded ids [B, L] int32 and mask [B, L] int32; L = longest (or ``length``)."""
+        """Left-padded ids [B, L] int32 and mask [B, L] int32; L = longest (at least 1), or ``length``."""
         if isinstance(texts, str):
             texts = [texts]
-        seqs = [self.encode(t) for t in texts]
-        longest = max((len(s) for s in seqs), default=0)
+        texts = list(texts)
+        longest = max((len(self.encode(t)) for t in texts), default=0)
         if length is None:
             length = max(longest, 1)
         if longest > length:
             raise ValueError(f"a text has {longest} tokens, more than length={length}")
-        ids = np.full((len(seqs), length), self.pad_id, np.int32)
-        mask = np.zeros((len(seqs), length), np.int32)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, length - len(s):] = s
-                mask[i, length - len(s):] = 1
+        enc = self.hf(texts, add_special_tokens=False, padding="max_length", max_length=length,
+                      return_attention_mask=True)
+        ids = np.asarray(enc["input_ids"], np.int32).reshape(len(texts), length)
+        mask = np.asarray(enc["attention_mask"], np.int32).reshape(len(texts), length)
         return ids, mask
 
     def decode_batch(self, tokens, lengths=None) -> list[str]:
@@ -61,8 +62,6 @@ class TextTokenizer:
 
 def load_text_tokenizer(path) -> TextTokenizer:
     """Loads the LLaMA tokenizer from a directory with ``tokenizer.model`` (or the file itself)."""
-    from transformers import LlamaTokenizer
-
     path = os.fspath(path)
     if os.path.isfile(path):
         if not path.endswith(".model"):

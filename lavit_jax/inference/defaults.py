@@ -43,3 +43,7 @@ VQA = UnderstandingDefaults(num_beams=5, max_new_tokens=10, min_new_tokens=2, le
 TEXT2IMAGE = GenerationDefaults(llm_guidance=4.0)
 EDIT = GenerationDefaults(llm_guidance=5.0)
 RECONSTRUCT = DecodingDefaults(steps=50, guidance=5.0)
+
+# Keep decisions of the token selector: the release draws a hard Gumbel sample on every call
+# ("sample", seeded); "argmax" is the deterministic opt-in.
+KEEP = "sample"

@@ -350,6 +350,37 @@ def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
 
 # ------------------------------------------------------------------------------------ entry points
 
+def length_bucket(length: int) -> int:
+    """Padded sequence length: 16 for up to 16 tokens, else the next multiple of 32."""
+    length = int(length)
+    return 16 if length <= 16 else -(-length // 32) * 32
+
+
+def _left_pad_host(x, extra: int):
+    """Left-pads axis 1 with zeros on the host (no per-shape device program), then one transfer."""
+    x = np.asarray(x)
+    return jax.device_put(np.pad(x, [(0, 0), (extra, 0)] + [(0, 0)] * (x.ndim - 2)))
+
+
+def pad_to_bucket(embeds, mask):
+    """Left-pads [B, T, C] embeddings and their [B, T] mask to ``length_bucket(T)`` (masked slots).
+
+    Left padding is invisible to the model (masked keys, positions counted from the first real token),
+    so prompts of different lengths within a bucket share one compiled program.
+    """
+    t = embeds.shape[1]
+    extra = length_bucket(t) - t
+    if not extra:
+        return embeds, mask
+    return _left_pad_host(embeds, extra), _left_pad_host(mask, extra)
+
+
+@partial(jax.jit, static_argnames=("model",))
+def embed_ids(model, params, ids):
+    """Token embeddings of ids [B, T] with the model's own table (jitted; the model is static)."""
+    return model.apply({"params": params}, ids, method=model.embed)
+
+
 def generate(
     model,
     params,
@@ -373,6 +404,7 @@ def generate(
         raise ValueError(
             f"inputs_embeds {inputs_embeds.shape} / attention_mask {attention_mask.shape}: expected [B, T, C] / [B, T]"
         )
+    inputs_embeds, attention_mask = pad_to_bucket(inputs_embeds, attention_mask)
     if config.num_beams > 1:
         return _beam_generate(model, config, params, inputs_embeds, attention_mask)
     if config.use_guidance:
@@ -382,6 +414,8 @@ def generate(
             uncond_mask = jnp.ones(uncond_embeds.shape[:2], jnp.int32)
         if uncond_embeds.shape[0] != inputs_embeds.shape[0]:
             raise ValueError(f"uncond_embeds batch {uncond_embeds.shape[0]} != inputs batch {inputs_embeds.shape[0]}")
+        # The unconditional context is not bucketed: HF counts its positions from its first slot, padding
+        # included, so extra padding would move them (LaVIT's is [IMG] alone: one shape).
     else:
         uncond_embeds = uncond_mask = None
     if config.do_sample and rng is None:
@@ -390,6 +424,9 @@ def generate(
 
 
 def generate_from_ids(model, params, input_ids, attention_mask, config: GenerationConfig, **kw) -> GenerationOutput:
-    """``generate`` on token ids [B, T] (embedded with the model's own table)."""
-    embeds = model.apply({"params": params}, jnp.asarray(input_ids), method=model.embed)
+    """``generate`` on token ids [B, T] (embedded with the model's own table), left-padded to a length bucket."""
+    extra = length_bucket(np.shape(input_ids)[1]) - np.shape(input_ids)[1]
+    if extra:
+        input_ids, attention_mask = _left_pad_host(input_ids, extra), _left_pad_host(attention_mask, extra)
+    embeds = embed_ids(model, params, jnp.asarray(input_ids, jnp.int32))
     return generate(model, params, embeds, jnp.asarray(attention_mask), config, **kw)

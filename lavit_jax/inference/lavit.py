@@ -22,8 +22,9 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
-from lavit_jax import checkpoint, vocab
+from lavit_jax import checkpoint, compile_cache, vocab
 from lavit_jax.checkpoint import DECODER_FOLDERS, CheckpointPartError
 from lavit_jax.inference import defaults, llm_tasks
 from lavit_jax.inference.sampling import to_pil
@@ -50,8 +51,6 @@ class _Stages:
     def __init__(self, names, enabled):
         self.bar = None
         if enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=len(names), desc=names[0], unit="stage")
         self.names = names
 
@@ -79,11 +78,18 @@ class LaVIT:
         self._cache: dict = {}
 
     @classmethod
-    def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, dtype=None, attention_impl: str = "xla") -> LaVIT:
-        """Opens a directory written by ``tools/convert_torch_weights.py`` (parts load on first use)."""
+    def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, dtype=None, attention_impl: str = "xla",
+                        compilation_cache: bool = True) -> LaVIT:
+        """Opens a directory written by ``tools/convert_torch_weights.py`` (parts load on first use).
+
+        ``compilation_cache`` turns on JAX's persistent compilation cache (``lavit_jax.compile_cache``), so
+        later processes reuse the compiled programs.
+        """
         ckpt_dir = os.fspath(ckpt_dir)
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
+        if compilation_cache:
+            compile_cache.enable()
         return cls(ckpt_dir, checkpoint.read_manifest(ckpt_dir), dtype=dtype, attention_impl=attention_impl)
 
     # ------------------------------------------------------------------------------------------ parts
@@ -144,20 +150,24 @@ class LaVIT:
 
     # ------------------------------------------------------------------------------------------ understanding
 
-    def _features(self, images):
-        return self.understanding_tokenizer.understanding_features(images)
+    def _features(self, images, keep, seed):
+        return self.understanding_tokenizer.understanding_features(images, mode=keep, seed=seed)
 
     def caption(self, images, *, num_beams: int = defaults.CAPTION.num_beams,
                 max_new_tokens: int = defaults.CAPTION.max_new_tokens,
                 min_new_tokens: int = defaults.CAPTION.min_new_tokens, prompt: str | None = None,
-                progress: bool = False):
-        """Image(s) (path / PIL / array, or a list) -> caption str (or list of str)."""
+                keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
+        """Image(s) (path / PIL / array, or a list) -> caption str (or list of str).
+
+        ``keep``: the token selector's decisions, 'sample' (the release's hard Gumbel sample, drawn from
+        ``seed``) or 'argmax' (deterministic).
+        """
         imgs, single = _as_list(images)
         self.require("visual_tokenizer", "caption")
         self.require("language_model", "caption")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
-        feats, lengths = self._features(imgs)
+        feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
         out = llm_tasks.caption(model, params, tok, feats, lengths, num_beams=num_beams,
                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, prompt=prompt)
@@ -166,8 +176,13 @@ class LaVIT:
 
     def vqa(self, images, questions, *, num_beams: int = defaults.VQA.num_beams,
             max_new_tokens: int = defaults.VQA.max_new_tokens, min_new_tokens: int = defaults.VQA.min_new_tokens,
-            apply_lemmatizer: bool = True, progress: bool = False):
-        """Image(s) + question(s) -> answer str (or list). One question per image."""
+            apply_lemmatizer: bool = True, keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
+        """Image(s) + question(s) -> answer (or list). One question per image.
+
+        Answers are ``llm_tasks.Answer`` strings: lower-cased, nouns and verbs lemmatised with spaCy's
+        ``en_core_web_sm`` as the release does when that model is installed; ``answer.answer_processing``
+        says which ('lemmatized' or 'lowercase-only'). ``keep``/``seed`` as for ``caption``.
+        """
         imgs, single = _as_list(images)
         qs, _ = _as_list(questions)
         _check_text(qs, "question")
@@ -177,7 +192,7 @@ class LaVIT:
         self.require("language_model", "vqa")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
-        feats, lengths = self._features(imgs)
+        feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
         res = llm_tasks.vqa(model, params, tok, feats, lengths, qs, num_beams=num_beams,
                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
@@ -219,8 +234,15 @@ class LaVIT:
     def edit_ids(self, images, prompts, *, llm_guidance: float = defaults.EDIT.llm_guidance,
                  top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
                  temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
-                 max_new_tokens: int = defaults.EDIT.max_new_tokens, seed: int = 0):
-        """Image(s) + prompt(s) (multimodal prompt: image tokens then text then [IMG]) -> visual ids, lengths."""
+                 max_new_tokens: int = defaults.EDIT.max_new_tokens, seed: int = 0, keep: str = defaults.KEEP,
+                 cap_to_prompt: bool = True):
+        """Image(s) + prompt(s) (multimodal prompt: image tokens then text then [IMG]) -> visual ids, lengths.
+
+        ``cap_to_prompt`` (default, as the release): the release's ``generate_image_tokenids`` replaces
+        the new-token limit with the prompt's token count when the prompt is given as tokens (which
+        ``multimodal_synthesis`` always does), so at most max(len(image ids) + len(text ids)) new tokens
+        are generated, whatever ``max_new_tokens`` says; ``cap_to_prompt=False`` keeps ``max_new_tokens``.
+        """
         imgs, _ = _as_list(images)
         texts, _ = _as_list(prompts)
         _check_text(texts)
@@ -228,8 +250,11 @@ class LaVIT:
             texts = texts * len(imgs)
         if len(texts) != len(imgs):
             raise ValueError(f"{len(imgs)} images but {len(texts)} prompts")
-        image_ids, image_lengths = self.visual_tokenizer.tokenize(imgs, add_special=False)
+        image_ids, image_lengths = self.visual_tokenizer.tokenize(imgs, add_special=False, mode=keep, seed=seed)
         model, params, tok = self.language_model
+        if cap_to_prompt:
+            max_new_tokens = llm_tasks.multimodal_token_cap(np.asarray(image_lengths), tok, texts)
+            min_new_tokens = min(min_new_tokens, max_new_tokens)  # HF stops at the cap before the minimum
         cfg = self._generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
         out = llm_tasks.multimodal_to_image_ids(model, params, tok, image_ids, image_lengths, texts,
                                                 jax.random.key(seed), config=cfg)
@@ -277,8 +302,10 @@ class LaVIT:
              guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance, seed: int = 0,
              size: int | None = None, top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
              temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
-             max_new_tokens: int = defaults.EDIT.max_new_tokens, return_ids: bool = False, progress: bool = False):
-        """Image(s) + prompt -> PIL image (or list): generation from the multimodal prompt."""
+             max_new_tokens: int = defaults.EDIT.max_new_tokens, keep: str = defaults.KEEP, cap_to_prompt: bool = True,
+             return_ids: bool = False, progress: bool = False):
+        """Image(s) + prompt -> PIL image (or list): generation from the multimodal prompt (see ``edit_ids`` for
+        ``keep`` and ``cap_to_prompt``)."""
         imgs, single = _as_list(images)
         texts, _ = _as_list(prompts)
         _check_text(texts)
@@ -287,19 +314,20 @@ class LaVIT:
         stages = _Stages(["language model", "diffusion"], progress)
         ids, lengths = self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
                                      temperature=temperature, min_new_tokens=min_new_tokens,
-                                     max_new_tokens=max_new_tokens, seed=seed)
+                                     max_new_tokens=max_new_tokens, seed=seed, keep=keep, cap_to_prompt=cap_to_prompt)
         stages.done(0)
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
 
     def reconstruct(self, images, *, decoder: str | None = None, steps: int = defaults.RECONSTRUCT.steps,
                     guidance: float = defaults.RECONSTRUCT.guidance, seed: int = 0, size: int | None = None,
-                    return_ids: bool = False, progress: bool = False):
-        """Image(s) -> visual tokens -> PIL image(s) (tokenize then detokenize; no LLM)."""
+                    keep: str = defaults.KEEP, return_ids: bool = False, progress: bool = False):
+        """Image(s) -> visual tokens -> PIL image(s) (tokenize then detokenize; no LLM). ``keep``/``seed``
+        choose the token selector's decisions as for ``caption`` (``seed`` also seeds the diffusion noise)."""
         imgs, single = _as_list(images)
         decoder = self._pick_decoder(decoder, "reconstruct")
         stages = _Stages(["tokenize", "diffusion"], progress)
-        ids, lengths = self.visual_tokenizer.tokenize(imgs, add_special=False)
+        ids, lengths = self.visual_tokenizer.tokenize(imgs, add_special=False, mode=keep, seed=seed)
         ids, lengths = np.asarray(ids), np.asarray(lengths)
         stages.done(0)
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,

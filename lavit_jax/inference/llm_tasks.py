@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lavit_jax.inference import defaults
-from lavit_jax.inference.generation import GenerationConfig, GenerationOutput, generate
+from lavit_jax.inference.generation import GenerationConfig, GenerationOutput, embed_ids, generate, length_bucket
 from lavit_jax.models.tokenizer import compact
 from lavit_jax.vocab import IMG_END, IMG_START, PAD_ID, TEXT_VOCAB, VISUAL_OFFSET
 
@@ -70,6 +70,12 @@ def assemble(segments, pad_value=0):
     out = jnp.take_along_axis(source, gather_idx, axis=1)
     keep = mask.reshape(mask.shape + (1,) * (source.ndim - 2)).astype(bool)
     return jnp.where(keep, out, jnp.asarray(pad_value, source.dtype)), mask
+
+
+def encode_texts(tokenizer, texts):
+    """Left-padded text ids and mask [B, L] with L a length bucket, so prompt lengths share compiled programs."""
+    longest = max((len(tokenizer.encode(t)) for t in texts), default=0)
+    return tokenizer.encode_batch(texts, length=length_bucket(max(longest, 1)))
 
 
 def _const(value, b, dtype=jnp.int32):
@@ -130,7 +136,7 @@ def caption(
     text_ids = text_mask = None
     if prompt:
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-        text_ids, text_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(prompts))
+        text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, prompts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
@@ -142,8 +148,21 @@ def caption(
     return [t.strip().split(".")[0] for t in texts]
 
 
+class Answer(str):
+    """A VQA answer (a ``str``) that also says how it was post-processed: ``answer_processing`` is
+    'lemmatized' (lower-cased, nouns and verbs lemmatised with spaCy, as the release) or 'lowercase-only'
+    (spaCy's ``en_core_web_sm`` not installed) or 'none' (post-processing turned off)."""
+
+    answer_processing: str
+
+    def __new__(cls, text: str, answer_processing: str):
+        out = super().__new__(cls, text)
+        out.answer_processing = answer_processing
+        return out
+
+
 class VqaAnswers(NamedTuple):
-    answers: list
+    answers: list  # of Answer
     lemmatized: bool
     note: str
 
@@ -191,7 +210,7 @@ def vqa(
     if isinstance(questions, str):
         questions = [questions]
     texts = [prompt.format(q) for q in questions] if prompt else list(questions)
-    text_ids, text_mask = (jnp.asarray(a) for a in tokenizer.encode_batch(texts))
+    text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, texts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
     cfg = GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
@@ -201,11 +220,14 @@ def vqa(
     out = generate(model, params, embeds, mask, cfg)
     answers = [postprocess_answer(t) for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
     if not apply_lemmatizer:
-        return VqaAnswers(answers, False, "lemmatisation off")
+        return VqaAnswers([Answer(a, "none") for a in answers], False, "post-processing off")
     nlp = _spacy_lemmatizer()
     if nlp is None:
-        return VqaAnswers(answers, False, "lemmatisation skipped: spaCy English model en_core_web_sm not installed")
-    return VqaAnswers(lemmatize(answers, nlp), True, "lemmatised with spaCy en_core_web_sm")
+        return VqaAnswers([Answer(a.lower(), "lowercase-only") for a in answers], False,
+                          "lower-cased only: spaCy's English model en_core_web_sm is not installed "
+                          "(pip install spacy && python -m spacy download en_core_web_sm)")
+    return VqaAnswers([Answer(a, "lemmatized") for a in lemmatize(answers, nlp)], True,
+                      "lower-cased and lemmatised with spaCy en_core_web_sm")
 
 
 # ------------------------------------------------------------------------------------ image generation
@@ -226,7 +248,7 @@ def image_generation_config(
 
 
 def _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask) -> GenerationOutput:
-    embed = lambda x: model.apply({"params": params}, jnp.asarray(x, jnp.int32), method=model.embed)  # noqa: E731
+    embed = lambda x: embed_ids(model, params, jnp.asarray(x, jnp.int32))  # noqa: E731
     uncond = uncond_mask = None
     if cfg.use_guidance:
         b = ids.shape[0]
@@ -255,9 +277,19 @@ def text_to_image_ids(
     Returns ``GenerationOutput`` of ids (>= 32002 are visual; use ``image_codes_from_ids``).
     """
     cfg = config or image_generation_config()
-    text_ids, text_mask = tokenizer.encode_batch(texts)
+    text_ids, text_mask = encode_texts(tokenizer, texts)
     ids, mask = image_prompt_ids(text_ids, text_mask)
     return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
+
+
+def multimodal_token_cap(image_lengths, tokenizer, texts) -> int:
+    """The release's new-token limit for token prompts: the longest prompt's token count (image ids + text ids).
+
+    (``generate_image_tokenids`` sets ``max_length = max(len(x) for x in prompts)`` and passes it as
+    ``max_new_tokens`` when the prompt is given as tokens.)
+    """
+    text_lengths = [len(tokenizer.encode(t)) for t in texts]
+    return int(max(int(n) + t for n, t in zip(np.asarray(image_lengths).tolist(), text_lengths, strict=True)))
 
 
 def multimodal_to_image_ids(
@@ -268,6 +300,6 @@ def multimodal_to_image_ids(
     cfg = config or image_generation_config(guidance_scale=defaults.EDIT.llm_guidance)
     if isinstance(texts, str):
         texts = [texts] * image_ids.shape[0]
-    text_ids, text_mask = tokenizer.encode_batch(texts)
+    text_ids, text_mask = encode_texts(tokenizer, texts)
     ids, mask = image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
     return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)

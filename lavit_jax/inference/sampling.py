@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+from PIL import Image
+from tqdm.auto import tqdm
 
 from lavit_jax.inference import schedulers
 from lavit_jax.models.unet import UNet2DConditionModel
@@ -128,7 +130,7 @@ def guided_sample(unet: UNet2DConditionModel, params, schedule: schedulers.Sched
     if schedule.needs_noise and key is None:
         raise ValueError(f"{schedule.kind} sampling (eta={schedule.eta}) needs a PRNG key")
     return jax.lax.fori_loop(
-        0, schedule.num_steps,
+        0, schedule.loop_steps,
         lambda i, x: guided_step(unet, params, schedule, condition, i, x, guidance_scale, key),
         latents.astype(jnp.float32))
 
@@ -186,7 +188,9 @@ class DiffusionPipeline:
         default to the UNet's ``sample_size`` times the VAE factor. Returns (images [B, H, W, 3] float32 in
         [0, 1], final latents [B, h, w, C]).
         """
+        # Padded to a bucket with the real count traced: other step counts reuse the compiled sampler.
         schedule = schedulers.make_schedule(self.scheduler_config, num_steps, eta=eta)
+        schedule = schedule.padded(schedulers.step_bucket(num_steps))
         key = jax.random.key(seed)
         noise_key, step_key = jax.random.split(key)
         if noise is None:
@@ -197,8 +201,6 @@ class DiffusionPipeline:
         if not progress:
             return _sample_and_decode(self.unet, self.vae, self.unet_params, self.vae_params, schedule, condition,
                                       latents, guidance_scale, step_key, vae_float32=vae_float32)
-        from tqdm.auto import tqdm
-
         z = latents
         for i in tqdm(range(num_steps), desc="diffusion", unit="step"):
             z = _jit_step(self.unet, self.unet_params, schedule, condition, jnp.int32(i), z, guidance_scale, step_key)
@@ -207,8 +209,6 @@ class DiffusionPipeline:
 
 def to_pil(images) -> list:
     """float images [B, H, W, 3] in [0, 1] -> list of PIL images (rounded to uint8 as diffusers does)."""
-    from PIL import Image
-
     arr = np.asarray(jax.device_get(images), np.float32)
     arr = (arr * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arr]

@@ -164,7 +164,9 @@ class Schedule:
     """Per-step arrays of a sampling schedule (a pytree; index with the step number, traced or not).
 
     timesteps [N]: what the UNet is given. DDIM: alpha_t / alpha_prev [N] (cumulative alphas of t and of
-    the next, smaller timestep). Euler: sigmas [N + 1]. init_noise_sigma: scalar.
+    the next, smaller timestep). Euler: sigmas [N + 1]. init_noise_sigma: scalar. ``steps``: the number
+    of real steps (a traced int32 scalar) when the arrays are padded to a bucket length N by ``padded``,
+    so that schedules of different step counts share one compiled sampler; None when unpadded.
     """
 
     timesteps: jax.Array
@@ -172,6 +174,7 @@ class Schedule:
     alpha_prev: jax.Array
     sigmas: jax.Array
     init_noise_sigma: jax.Array
+    steps: jax.Array | None = None
     kind: str = struct.field(pytree_node=False, default="ddim")
     prediction_type: str = struct.field(pytree_node=False, default="epsilon")
     clip_sample_range: float | None = struct.field(pytree_node=False, default=None)
@@ -179,7 +182,27 @@ class Schedule:
 
     @property
     def num_steps(self) -> int:
+        """Length of the per-step arrays (the bucket length when padded)."""
         return int(self.timesteps.shape[0])
+
+    @property
+    def loop_steps(self):
+        """The number of steps to run: the traced ``steps`` when padded, else ``num_steps``."""
+        return self.num_steps if self.steps is None else self.steps
+
+    def padded(self, length: int) -> Schedule:
+        """The same schedule with its arrays padded (by repeating their last entry) to ``length`` steps."""
+        n = self.num_steps
+        if length < n:
+            raise ValueError(f"cannot pad a {n}-step schedule to {length} steps")
+
+        def pad(x, extra):  # on the host, then one transfer: eager device ops compile once per shape
+            x = np.asarray(x)
+            return jax.device_put(np.concatenate([x, np.repeat(x[-1:], extra, axis=0)]) if extra else x)
+
+        return self.replace(timesteps=pad(self.timesteps, length - n), alpha_t=pad(self.alpha_t, length - n),
+                            alpha_prev=pad(self.alpha_prev, length - n), sigmas=pad(self.sigmas, length - n),
+                            steps=jax.device_put(np.int32(n)))
 
     @property
     def needs_noise(self) -> bool:
@@ -187,8 +210,19 @@ class Schedule:
         return self.kind == "euler_ancestral" or (self.kind == "ddim" and self.eta > 0)
 
 
+def step_bucket(num_steps: int) -> int:
+    """The padded schedule length for ``num_steps``: the next power of two, at least 8."""
+    return max(8, 1 << (int(num_steps) - 1).bit_length())
+
+
 def make_schedule(config, num_steps: int, *, eta: float = 0.0) -> Schedule:
-    """The sampling schedule for ``num_steps`` steps (``config.kind`` ddim, euler or euler_ancestral)."""
+    """The sampling schedule for ``num_steps`` steps (``config.kind`` ddim, euler or euler_ancestral).
+
+    The arrays are host (numpy) arrays: index them with a traced step inside ``jit`` (they become
+    arguments), or pad them to a bucket with ``padded``.
+    """
+    if int(num_steps) < 1:
+        raise ValueError(f"num_steps={num_steps}: need at least 1 sampling step")
     kind = config.kind
     if kind not in ("ddim", "euler", "euler_ancestral"):
         raise ValueError(f"scheduler kind {kind!r} has no sampling schedule here (ddim, euler, euler_ancestral)")
@@ -204,8 +238,8 @@ def make_schedule(config, num_steps: int, *, eta: float = 0.0) -> Schedule:
         alpha_prev = np.where(prev >= 0, ac[np.clip(prev, 0, None)], final).astype(np.float32)
         clip = float(config.clip_sample_range) if config.clip_sample else None
         return Schedule(
-            timesteps=jnp.asarray(ts), alpha_t=jnp.asarray(ac[t_int]), alpha_prev=jnp.asarray(alpha_prev),
-            sigmas=jnp.zeros((num_steps + 1,), jnp.float32), init_noise_sigma=jnp.float32(1.0), kind=kind,
+            timesteps=ts, alpha_t=ac[t_int].astype(np.float32), alpha_prev=alpha_prev,
+            sigmas=np.zeros((num_steps + 1,), np.float32), init_noise_sigma=np.float32(1.0), kind=kind,
             prediction_type=config.prediction_type, clip_sample_range=clip, eta=float(eta),
         )
     if kind == "euler" and config.rescale_betas_zero_snr:
@@ -220,8 +254,7 @@ def make_schedule(config, num_steps: int, *, eta: float = 0.0) -> Schedule:
     smax = sig.max()
     init = smax if config.timestep_spacing in ("linspace", "trailing") else (smax**2 + np.float32(1)) ** np.float32(0.5)
     return Schedule(
-        timesteps=jnp.asarray(ts), alpha_t=jnp.asarray(zeros), alpha_prev=jnp.asarray(zeros),
-        sigmas=jnp.asarray(sig), init_noise_sigma=jnp.float32(init), kind=kind,
+        timesteps=ts, alpha_t=zeros, alpha_prev=zeros, sigmas=sig, init_noise_sigma=np.float32(init), kind=kind,
         prediction_type=config.prediction_type,
     )
 

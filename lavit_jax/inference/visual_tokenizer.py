@@ -23,7 +23,16 @@ from lavit_jax.models.tokenizer import DynamicVisualTokenizer, to_llm_ids
 from lavit_jax.ops import sharding
 from lavit_jax.ops.config import freeze
 
-KEEP_MODES = ("argmax", "gumbel")
+# "sample" draws the reference's hard Gumbel sample (seeded); "argmax" is deterministic. "gumbel" is an
+# alias of "sample" (the model's name for it).
+KEEP_MODES = ("sample", "argmax", "gumbel")
+
+
+def model_keep_mode(mode: str) -> str:
+    """The DynamicVisualTokenizer mode name ('gumbel' | 'argmax') of a user-facing keep mode."""
+    if mode not in KEEP_MODES:
+        raise ValueError(f"keep mode {mode!r}: expected one of {KEEP_MODES[:2]}")
+    return "gumbel" if mode in ("sample", "gumbel") else "argmax"
 
 
 @partial(jax.jit, static_argnames=("model", "mode", "add_special"))
@@ -71,10 +80,7 @@ class VisualTokenizer:
         return self.shard_batch(self.preprocess(images))
 
     def _mode(self, mode):
-        mode = mode or self.config.keep_mode
-        if mode not in KEEP_MODES:
-            raise ValueError(f"keep mode {mode!r}: expected one of {KEEP_MODES}")
-        return mode
+        return model_keep_mode(mode or self.config.keep_mode)
 
     def tokenize(self, images, *, add_special=False, mode=None, seed=0):
         """Images (path / PIL / array, or a list) -> (ids [B, N(+2)] int32 padded with 0, lengths [B])."""
