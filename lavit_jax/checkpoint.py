@@ -60,12 +60,23 @@ def save_tree(path: str, tree) -> None:
     ckptr.wait_until_finished()
 
 
-def load_tree(path: str):
-    """Restores a pytree saved by ``save_tree`` (numpy arrays on the host)."""
+def load_tree(path: str, *, dtype=None, sharding=None):
+    """Restores a pytree saved by ``save_tree``: numpy arrays on the host, or, with ``dtype`` and/or
+    ``sharding``, device arrays restored straight into that dtype and sharding (no host copy, no cast op)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"converted checkpoint part not found: {path}")
-    return ocp.StandardCheckpointer().restore(path)
+    ckptr = ocp.StandardCheckpointer()
+    if dtype is None and sharding is None:
+        return ckptr.restore(path)
+    meta = ckptr.metadata(path)
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, jnp.dtype(dtype) if dtype is not None else m.dtype, sharding=sharding),
+        meta)
+    return ckptr.restore(path, target)
 
 
 def read_manifest(ckpt_dir: str) -> dict:
@@ -204,8 +215,9 @@ def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
     dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
     cfg = llama.llama_config(entry["config"], os.path.join(root, "config.json"),
                              **{"dtype": dtype.name, "param_dtype": dtype.name, **runtime})
-    params = scan.relayout(load_tree(os.path.join(root, "params")), llama.LLAMA_STACKS, cfg.scan_layers)
-    return llama.LlamaForCausalLM(cfg), to_device(params, dtype), load_text_tokenizer(root)
+    params = load_tree(os.path.join(root, "params"), dtype=dtype)  # straight into the compute dtype, on device
+    params = scan.relayout(params, llama.LLAMA_STACKS, cfg.scan_layers)
+    return llama.LlamaForCausalLM(cfg), params, load_text_tokenizer(root)
 
 
 def available_decoders(ckpt_dir: str) -> list[str]:
@@ -227,8 +239,8 @@ def load_pipeline(ckpt_dir: str, decoder: str, *, dtype=None, attention_impl: st
     vae_cfg = read_vae_config(os.path.join(root, "vae_config.json"))
     sched = read_scheduler_config(os.path.join(root, "scheduler_config.json"), kind=scheduler_kind)
     model = unet.UNet2DConditionModel(unet_cfg, dtype=dtype, param_dtype=dtype, attention_impl=attention_impl)
-    return DiffusionPipeline(unet_params=to_device(load_tree(os.path.join(root, "unet")), dtype),
-                             vae_params=to_device(load_tree(os.path.join(root, "vae")), jnp.float32),
+    return DiffusionPipeline(unet_params=load_tree(os.path.join(root, "unet"), dtype=dtype),
+                             vae_params=load_tree(os.path.join(root, "vae"), dtype=jnp.float32),
                              unet=model, vae=vae.AutoencoderKL(vae_cfg), scheduler_config=sched)
 
 

@@ -364,3 +364,12 @@ def test_runtime_runs_without_torch(env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("OK "), proc.stdout
     assert "(16, 16)" in proc.stdout
+
+
+def test_low_memory_frees_the_llm_and_verbose_times_parts(env, capsys):
+    model = LaVIT.from_pretrained(env["out"], low_memory=True, verbose=True)
+    image = model.text2image("a red square", steps=2, size=16, max_new_tokens=8, min_new_tokens=2)
+    assert image.size == (16, 16)
+    assert "llm" not in model._cache and ("detok", "highres") in model._cache
+    err = capsys.readouterr().err
+    assert "loaded llm in" in err and "loaded detok/highres in" in err

@@ -18,6 +18,8 @@ sampling with LLM classifier-free guidance -> visual ids -> token decoder -> gui
 from __future__ import annotations
 
 import os
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -67,30 +69,37 @@ class LaVIT:
     """A converted LaVIT checkpoint with task methods. Use ``LaVIT.from_pretrained(dir)``.
 
     dtype: compute/param dtype for the LLM and UNets (default: the stored dtype); the VAE runs in float32.
-    attention_impl: see ``lavit_jax.attention`` ('xla' is the reference path).
+    attention_impl: see ``lavit_jax.ops.attention`` ('xla' is the reference path).
+    low_memory: free the language model once a generation task has its visual ids, before the diffusion
+    stage loads (one stage in memory at a time; the LLM is read again by the next task that needs it).
+    verbose: log each part's load time.
     """
 
-    def __init__(self, ckpt_dir: str, manifest: dict, *, dtype=None, attention_impl: str = "xla"):
+    def __init__(self, ckpt_dir: str, manifest: dict, *, dtype=None, attention_impl: str = "xla",
+                 low_memory: bool = False, verbose: bool = False):
         self.ckpt_dir = os.path.abspath(ckpt_dir)
         self.manifest = manifest
         self.dtype = jnp.dtype(dtype or manifest.get("dtype", "float32"))
         self.attention_impl = attention_impl
+        self.low_memory = low_memory
+        self.verbose = verbose
         self._cache: dict = {}
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, dtype=None, attention_impl: str = "xla",
-                        compilation_cache: bool = True) -> LaVIT:
+                        compilation_cache: bool = True, low_memory: bool = False, verbose: bool = False) -> LaVIT:
         """Opens a directory written by ``tools/convert_torch_weights.py`` (parts load on first use).
 
         ``compilation_cache`` turns on JAX's persistent compilation cache (``lavit_jax.compile_cache``), so
-        later processes reuse the compiled programs.
+        later processes reuse the compiled programs. ``low_memory``, ``verbose``: see the class.
         """
         ckpt_dir = os.fspath(ckpt_dir)
         if not os.path.isdir(ckpt_dir):
             raise FileNotFoundError(f"checkpoint directory not found: {ckpt_dir}")
         if compilation_cache:
             compile_cache.enable()
-        return cls(ckpt_dir, checkpoint.read_manifest(ckpt_dir), dtype=dtype, attention_impl=attention_impl)
+        return cls(ckpt_dir, checkpoint.read_manifest(ckpt_dir), dtype=dtype, attention_impl=attention_impl,
+                   low_memory=low_memory, verbose=verbose)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -103,8 +112,16 @@ class LaVIT:
 
     def _cached(self, key, build):
         if key not in self._cache:
-            self._cache[key] = build()
+            t0 = time.perf_counter()
+            self._cache[key] = jax.block_until_ready(build())
+            if self.verbose:
+                print(f"loaded {key if isinstance(key, str) else '/'.join(key)} in {time.perf_counter() - t0:.2f}s",
+                      file=sys.stderr)
         return self._cache[key]
+
+    def release(self, part: str) -> None:
+        """Drops a loaded part ('llm', 'vt', 'vt_und' or ('detok', decoder)) from memory."""
+        self._cache.pop(part, None)
 
     @property
     def visual_tokenizer(self):
@@ -294,6 +311,8 @@ class LaVIT:
         ids, lengths = self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
                                            temperature=temperature, min_new_tokens=min_new_tokens,
                                            max_new_tokens=max_new_tokens, seed=seed)
+        if self.low_memory:
+            self.release("llm")  # one stage in memory at a time
         stages.done(0)
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
@@ -315,6 +334,8 @@ class LaVIT:
         ids, lengths = self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
                                      temperature=temperature, min_new_tokens=min_new_tokens,
                                      max_new_tokens=max_new_tokens, seed=seed, keep=keep, cap_to_prompt=cap_to_prompt)
+        if self.low_memory:
+            self.release("llm")  # one stage in memory at a time
         stages.done(0)
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)

@@ -100,7 +100,7 @@ def stack_layers(tree: dict, name: str, depth: int | None = None) -> dict:
         raise KeyError(f"{name}_<i> entries {sorted(indexed)} are not 0..{(depth or n) - 1}")
     layers = [tree[indexed[i]] for i in range(n)]
     out = {k: v for k, v in tree.items() if k not in indexed.values()}
-    out[name] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)
+    out[name] = jax.tree.map(lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs), *layers)
     return out
 
 
