@@ -7,7 +7,8 @@ tiny SD-1.5/SDXL-style diffusers models), converts it, then for each CLI task ti
 ``python -m lavit_jax`` processes with the persistent compilation cache in a fresh directory (the
 first fills it, the second reuses it) and one process with the cache off (the compile-everything
 baseline). Finally, in one process, it counts XLA compilations while captioning 5 prompts of
-different lengths and decoding with 3 step counts (prompt lengths and step counts are bucketed).
+different lengths (after a warm-up in the first bucket; each prompt's bucket is listed: a new bucket
+compiles its programs once) and decoding with 3 step counts (all in one step bucket).
 Compute on the tiny checkpoint takes milliseconds, so the times are start-up, loading and compilation.
 """
 
@@ -65,6 +66,7 @@ def run_cli(args, ckpt, cache_env):
 
 
 def count_compilations(ckpt, img):
+    from lavit_jax.inference.generation import length_bucket
     from lavit_jax.inference.lavit import LaVIT
 
     events = []
@@ -73,8 +75,13 @@ def count_compilations(ckpt, img):
     model.caption(img, prompt="a", max_new_tokens=4, min_new_tokens=1)  # warm up: compiles the bucket
     jax.monitoring.register_event_duration_secs_listener(listener)
     prompts = ["a", "a photo", "a photo of a", "a photo of a red thing on", "describe the picture in a few words"]
+    _, _, tok = model.language_model
+    per_prompt = []
     for p in prompts:
+        before = len(events)
         model.caption(img, prompt=p, max_new_tokens=4, min_new_tokens=1)
+        n = len(tok.encode(p))
+        per_prompt.append({"prompt_tokens": n, "bucket": length_bucket(n), "compilations": len(events) - before})
     caption_compiles = len(events)
     ids, lengths = model.visual_tokenizer.tokenize(img)
     model.decode_ids(ids, lengths, steps=2, size=16)  # warm up
@@ -82,7 +89,7 @@ def count_compilations(ckpt, img):
     for steps in (3, 5, 7):
         model.decode_ids(ids, lengths, steps=steps, size=16)
     jax.monitoring.unregister_event_duration_listener(listener)
-    return {"caption_prompts": len(prompts), "caption_compilations_after_warmup": caption_compiles,
+    return {"caption_prompts": per_prompt, "caption_compilations_after_warmup": caption_compiles,
             "decode_step_counts": [3, 5, 7], "decode_compilations_after_warmup": len(events)}
 
 
