@@ -1,4 +1,4 @@
-"""Video-LaVIT: the released model's numbers (motion tokenizer so far)."""
+"""Video-LaVIT: the released model's numbers (motion tokenizer, motion condition encoder, detokenizer)."""
 
 import ml_collections
 
@@ -28,10 +28,68 @@ def motion_tokenizer_config() -> ml_collections.ConfigDict:
     c.code_dim = 32
     # ``reconstruct`` divides the decoded motion by this (the detokenizer's motion scale).
     c.motion_scale = 10.0
-    # Numerics.
+    # Numerics and layer stacking (each stage's blocks under nn.scan; remat policy inside the scan).
     c.dtype = "float32"
     c.param_dtype = "float32"
     c.attention_impl = "xla"
+    c.scan_layers = True
+    c.remat = "none"
+    return c
+
+
+def motion_encoder_config() -> ml_collections.ConfigDict:
+    """The detokenizer's motion condition encoder (``motion_encoder.*`` in ``video_3d_unet.bin``).
+
+    Motion latents resized (PyTorch bicubic) to the 16 x 16 grid -> [B, T, 256, out_dim] UNet context.
+    """
+    c = ml_collections.ConfigDict()
+    c.in_channels = 2
+    c.grid = (16, 16)  # (h, w): 256 tokens per frame, row-major; the UNet's temporal context grid too
+    c.num_frames = 24  # the length of ``temp_pos`` (only with add_temp_pos)
+    c.width = 512
+    c.heads = 8
+    c.depth = 12
+    c.mlp_ratio = 4.0
+    c.layernorm_eps = 1e-5
+    c.out_dim = 1024  # = the UNet's cross_attention_dim
+    c.add_temp_pos = False
+    c.dtype = "float32"
+    c.param_dtype = "float32"
+    c.attention_impl = "xla"
+    c.scan_layers = True
+    c.remat = "none"
+    return c
+
+
+def video_sampling_config() -> ml_collections.ConfigDict:
+    """``VideoDetokenizer.reconstruct_from_token`` as the release runs it (Euler, 25 steps, 24 frames)."""
+    c = ml_collections.ConfigDict()
+    c.num_frames = 24
+    c.steps = 25
+    c.min_guidance = 1.0  # per-frame classifier-free guidance, linear from frame 0 to the last
+    c.max_guidance = 4.0
+    c.fps = 6  # added time ids (fps itself, not fps - 1 as diffusers' SVD pipeline)
+    c.motion_bucket_id = 127
+    c.noise_aug = 0.02  # keyframe noise before the VAE encode; also the third added time id
+    c.decode_chunk = 8  # VAE temporal decoder frames per call
+    c.vae_scale_factor = 8
+    c.sizes = ((576, 320), (896, 512), (512, 512), (768, 768))  # (width, height), multiples of 64
+    return c
+
+
+def detokenizer_config() -> ml_collections.ConfigDict:
+    """The video detokenizer: motion condition encoder + SVD-style 3D UNet (sizes from
+    ``video_detokenizer/unet/config.json``) + temporal VAE + SVD Euler scheduler."""
+    c = ml_collections.ConfigDict()
+    c.motion_encoder = motion_encoder_config()
+    c.sampling = video_sampling_config()
+    # The UNet, VAE and scheduler sizes are read from the release's diffusers folders:
+    c.unet_folder = "video_detokenizer/unet"  # config only: its weights are in video_3d_unet.bin
+    c.vae_folder = "video_detokenizer/vae"
+    c.scheduler_folder = "video_detokenizer/scheduler"
+    c.weights = "video_3d_unet.bin"  # keys unet.* and motion_encoder.*
+    c.unet_dtype = "float32"
+    c.attention_impl = "auto"
     return c
 
 
@@ -39,5 +97,6 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.name = "video_lavit"
     config.motion_tokenizer = motion_tokenizer_config()
+    config.detokenizer = detokenizer_config()
     config.checkpoint = ""
     return config

@@ -136,21 +136,47 @@ def test_converter_reports_every_mismatch(run):
         assert part in msg, (part, msg)
 
 
+@pytest.mark.parity
+def test_scanned_equals_unrolled(run):
+    """The same weights in the stacked (scan_layers) and unrolled layouts give the same outputs."""
+    d, io, _, out = run
+    cfg = json.loads((d / "config.json").read_text())
+    config = freeze(fixture_config(cfg["tokenizer"]), scan_layers=False)
+    params = C.load_motion_tokenizer(d / "checkpoint" / "motion_tokenizer.bin", config)
+    bps = config.blocks_per_stage
+    assert "stage0_blocks" not in params["encoder"] and f"stage3_blocks_{bps - 1}" in params["decoder"]
+    stacked = C.load_motion_tokenizer(d / "checkpoint" / "motion_tokenizer.bin", fixture_config(cfg["tokenizer"]))
+    assert stacked["encoder"]["stage2_blocks"]["norm0"]["scale"].shape[0] == bps
+    unrolled = jax.jit(lambda p, x: M.MotionTokenizer(config).apply({"params": p}, x))(
+        params, jnp.asarray(_cl(io["tok_input"])))
+    np.testing.assert_array_equal(np.asarray(unrolled["codes"]), out["codes"])
+    for k in ("features", "to_quantizer", "reconstruction"):
+        ref = out[k]
+        err = np.abs(np.asarray(unrolled[k], np.float64) - ref).max()
+        assert err <= 1e-6 * np.abs(ref).max(), (k, err)
+
+
 def test_released_config_shapes():
     """The released numbers give the released parameter listing (no weights needed)."""
     config = video_lavit.get_config().motion_tokenizer
     assert M.token_grid(config) == (3, 5, 9) and M.num_tokens(config) == 135
-    shapes = C.param_shapes(config)
+    shapes = C.param_shapes(config)  # unscanned layout: encoder.blocks.11 is stage 3, block 2
     assert shapes[("encoder", "pos_embed")] == (1, 720, 512)
     assert shapes[("encoder", "temp_pos")] == (1, 24, 512)
-    assert shapes[("encoder", "blocks_11", "spatial_attention", "qkv", "kernel")] == (512, 1536)
+    assert C.torch_key_to_flax("encoder.blocks.11.spatial_attention.qkv.weight", 2, 3)[0] == (
+        "encoder", "stage3_blocks_2", "spatial_attention", "qkv", "kernel")
+    assert shapes[("encoder", "stage3_blocks_2", "spatial_attention", "qkv", "kernel")] == (512, 1536)
     assert shapes[("encoder", "down_sample_layers_3", "conv", "kernel")] == (3, 3, 3, 512, 512)
     assert shapes[("decoder", "up_sample_layers_0", "conv", "kernel")] == (3, 3, 3, 512, 512)
     assert shapes[("decoder", "in_proj", "kernel")] == (32, 512)
     assert shapes[("decode_task_layer_2", "kernel")] == (512, 2)
     assert shapes[("quantize", "embedding")] == (1024, 32)
-    assert ("encoder", "blocks_12", "norm0", "scale") not in shapes
-    assert ("decoder", "blocks_11", "mlp", "fc1", "kernel") in shapes
+    assert ("encoder", "stage3_blocks_3", "norm0", "scale") not in shapes
+    assert ("decoder", "stage3_blocks_2", "mlp", "fc1", "kernel") in shapes
+    stacked = jax.eval_shape(lambda m: M.MotionTokenizer(freeze(config)).init(jax.random.key(0), m),
+                             jax.ShapeDtypeStruct((1, 24, 20, 36, 2), jnp.float32))["params"]
+    kernel = stacked["encoder"]["stage1_blocks"]["mlp"]["fc1"]["kernel"]
+    assert kernel.value.shape == (3, 512, 2048) and kernel.names == ("layers", "embed", "mlp")
 
 
 def test_bad_config_and_input_raise():

@@ -15,8 +15,11 @@ moved), features [B, t, h, w, C], codes [B, t*h*w] in (t, h, w) order.
 - ``reconstruct`` / ``reconstruct_from_token``: decode, PyTorch bicubic per frame to (height,
   width), / ``motion_scale`` (the detokenizer's motion latents).
 
-Submodule and parameter names follow the released ``motion_tokenizer.bin`` (``blocks.3`` ->
-``blocks_3``). Repeated blocks are separate submodules.
+Submodule and parameter names follow the released ``motion_tokenizer.bin`` except the blocks: the
+``blocks_per_stage`` blocks of stage ``s`` go through ``ops.scan.apply_layers`` as ``stage{s}_blocks``
+(stacked on a leading ``layers`` axis with ``scan_layers``, else ``stage{s}_blocks_0 ..``), so the
+released ``encoder.blocks.N`` is ``encoder/stage{N // blocks_per_stage}_blocks_{N % blocks_per_stage}``
+unscanned. ``MOTION_TOKENIZER_STACKS`` lists the stacks for ``ops.scan.relayout``.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from lavit_jax.models.codebook import Codebook
 from lavit_jax.models.eva_vit import EvaAttention
 from lavit_jax.ops.layers import LayerNorm, Mlp, dense
 from lavit_jax.ops.resize import resize_bicubic, upsample_nearest
+from lavit_jax.ops.scan import apply_layers
 
 NUM_STAGES = 4
 _CONV_AXES = (None, "conv_h", "conv_w", "conv_in", "conv_out")
@@ -70,7 +74,9 @@ def check_config(config) -> None:
 
 
 class SpatioTemporalBlock(nn.Module):
-    """x [B, T, S, C] -> [B, T, S, C]: spatial attention per frame, temporal per position, MLP."""
+    """x [B, T, S, C] -> ([B, T, S, C], None): spatial attention per frame, temporal per position, MLP.
+
+    (The ``(x, None)`` return is the ``ops.scan`` block contract.)"""
 
     width: int
     heads: int
@@ -94,7 +100,8 @@ class SpatioTemporalBlock(nn.Module):
                              name="temporal_attention", **kw)(h)
         h = LayerNorm(self.eps, name="norm2", **kw)(x)
         x = x + Mlp(self.mlp_hidden, name="mlp", **kw)(h)
-        return x.reshape(b, s, t, c).transpose(0, 2, 1, 3)
+        x = x.reshape(b, s, t, c).transpose(0, 2, 1, 3)
+        return nn.with_logical_constraint(x, ("batch", None, "length", "embed")), None
 
 
 class Conv3dLayer(nn.Module):
@@ -130,6 +137,19 @@ def _block_kwargs(cfg):
                 dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), attention_impl=cfg.attention_impl)
 
 
+def stage_blocks_name(stage: int) -> str:
+    """The ``apply_layers`` name of a stage's blocks (``stage{s}_blocks``)."""
+    return f"stage{stage}_blocks"
+
+
+def run_stage(cfg, stage: int, x):
+    """The ``blocks_per_stage`` blocks of ``stage`` (scanned or unrolled per ``cfg.scan_layers``). x [B, T, S, C]."""
+    x, _ = apply_layers(SpatioTemporalBlock, cfg.blocks_per_stage, stage_blocks_name(stage), x,
+                        scan=cfg.scan_layers, remat=cfg.remat,
+                        block_kwargs=_block_kwargs(cfg))
+    return x
+
+
 class MotionEncoder(nn.Module):
     """motion [B, T, H, W, in_channels] -> features [B, t, h, w, C] (after the final norm)."""
 
@@ -153,11 +173,8 @@ class MotionEncoder(nn.Module):
         x = x.reshape(b, t, h * w, cfg.width)
         x = x + pos_embed[:, None].astype(dtype)
         x = x + temp_pos[:, :, None].astype(dtype)
-        block = 0
         for stage in range(NUM_STAGES):
-            for _ in range(cfg.blocks_per_stage):
-                x = SpatioTemporalBlock(**_block_kwargs(cfg), name=f"blocks_{block}")(x)
-                block += 1
+            x = run_stage(cfg, stage, x)
             x = x.reshape(b, t, h, w, cfg.width)
             x = Conv3dLayer(cfg.width, tuple(cfg.down_strides[stage]), tuple(cfg.down_pads[stage]),
                             name=f"down_sample_layers_{stage}", **kw)(x)
@@ -178,15 +195,11 @@ class MotionDecoder(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         x = dense(cfg.width, ("code_dim", "embed"), name="in_proj", **kw)(z.astype(dtype))
-        block = 0
         for stage in range(NUM_STAGES):
             x = Conv3dLayer(cfg.width, upsample=tuple(cfg.up_factors[stage]), name=f"up_sample_layers_{stage}",
                             **kw)(x)
             b, t, h, w, c = x.shape
-            x = x.reshape(b, t, h * w, c)
-            for _ in range(cfg.blocks_per_stage):
-                x = SpatioTemporalBlock(**_block_kwargs(cfg), name=f"blocks_{block}")(x)
-                block += 1
+            x = run_stage(cfg, stage, x.reshape(b, t, h * w, c))
             x = x.reshape(b, t, h, w, c)
         return LayerNorm(cfg.layernorm_eps, name="norm", **kw)(x)
 
@@ -257,3 +270,8 @@ class MotionTokenizer(nn.Module):
         out = self.encode(motion)
         out["reconstruction"] = self.decode(out["quantized"])
         return out
+
+
+# (parent path, name) of the repeated blocks: each stage's blocks of the encoder and the decoder.
+MOTION_TOKENIZER_STACKS = tuple(((part,), stage_blocks_name(s)) for part in ("encoder", "decoder")
+                                for s in range(NUM_STAGES))
