@@ -1,126 +1,103 @@
-"""Training entry point. Stage 1: the dynamic visual tokenizer (lavit_jax/tokenizer_training.py).
+"""Training entry point for every stage: the visual tokenizer (stage 1), the LLM (stage 2), the detokenizer.
 
     python train.py --config configs/tiny.py [--config.train.steps=100] [--config.train.data_dir=DIR]
-    python train.py --config configs/lavit_7b.py --config.train.data_dir=/data/images \\
+    python train.py --config configs/tiny.py:lm --config.train.steps=60 --config.train.workdir=out/tiny_lm
+    python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images \\
         --config.train.init_from=/ckpt/LaVIT-7B-v2-converted --config.mesh_shape='(-1,1,1)'
 
-Sharded with jit over a (data, fsdp, tensor) mesh: params by the logical-axis rules, the batch over
-data+fsdp. Orbax checkpoints (params, optimizer, EMA codebook, RNG and the Grain iterator state) every
-train.save_every steps in train.workdir; a restart resumes from the latest. Metrics are printed as
-JSON lines. Multi-host: set LAVIT_DISTRIBUTED=1 to call jax.distributed.initialize().
+The stage is the part after ':' (tokenizer, lm, detokenizer; default tokenizer); the loop is
+``lavit_jax/train/trainer.py``. Sharded with jit over a (data, fsdp, tensor) mesh. Orbax
+checkpoints every train.save_every steps in train.workdir; rerunning the same command resumes from
+the latest; SIGTERM saves and exits. Metrics go to WORKDIR/metrics.jsonl, TensorBoard event files
+in WORKDIR/tensorboard and the console. Multi-host: set LAVIT_DISTRIBUTED=1 to call
+jax.distributed.initialize() (on TPU pods and SLURM/Open MPI GPU clusters it finds its peers; elsewhere
+set LAVIT_COORDINATOR=host:port, LAVIT_NUM_PROCESSES and LAVIT_PROCESS_ID).
+Exit status: 0 done or preempted, 1 stopped by a non-finite loss, 2 bad config or input.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
+import re
+import sys
 
 import jax
-import jax.numpy as jnp
 from absl import app, flags
-from flax import linen as nn
-from flax.core import meta
 from ml_collections import config_flags
 
-from lavit_jax.ops import sharding
-from lavit_jax.train import tokenizer as st
+from lavit_jax.train import trainer
+from lavit_jax.train.trainer import NonFiniteError
 
 
 def define_flags():
     """Command-line flags (defined only when run as a script, so train.py can be imported)."""
-    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.")
+    config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file (FILE.py or FILE.py:STAGE).")
     flags.DEFINE_integer("max_steps", None, "Stop after this many steps in this run (for smoke runs).")
 
 
-def load_init(config, params):
-    """Overwrites the tokenizer part of ``params`` with a converted checkpoint (tools/convert_torch_weights.py)."""
-    from lavit_jax import checkpoint
-
-    src = config.train.init_from
-    if not src:
-        return params
-    if not os.path.isfile(os.path.join(src, checkpoint.MANIFEST)):
-        raise FileNotFoundError(f"config train.init_from={src!r} is not a converted checkpoint (no "
-                                f"{checkpoint.MANIFEST}); convert the released weights with "
-                                "tools/convert_torch_weights.py")
-    loaded = checkpoint.load_visual_tokenizer(src, scan_layers=config.tokenizer.scan_layers).params
-    params = dict(params)
-    # vit_proj (the understanding projector) is not part of stage 1.
-    loaded = {k: v for k, v in loaded.items() if k in params["tokenizer"]}
-    params["tokenizer"] = jax.tree.map(lambda new, old: jnp.asarray(new, old.dtype), loaded, params["tokenizer"])
-    return params
+def flag_error_line(e: BaseException, argv) -> str:
+    """One line for a command-line error (ml_collections reports unknown keys and bad config files verbosely)."""
+    text = str(e).replace("\\n", "\n")
+    m = re.search(r'Did you mean "(\w+)" instead of "(\w+)"', text)
+    if m:
+        good, bad = m.groups()
+        flag = next((a.split("=", 1)[0] for a in argv if re.search(rf"\.{bad}(=|$)", a.split("=", 1)[0])), bad)
+        return f"{flag}: unknown config key (did you mean {flag.rsplit('.', 1)[0]}.{good}?)"
+    raised = re.findall(r"^\s*\w*(?:Error|Exception): (.+)$", text, re.M)
+    if raised:
+        return raised[-1].strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return " ".join(lines)[:500] or type(e).__name__
 
 
-def param_shardings(mesh, rules, abstract_boxed):
-    """NamedShardings of the params from their logical axis names (optimizer state follows them)."""
-    return nn.logical_to_mesh_sharding(nn.get_partition_spec(abstract_boxed), mesh, rules)
+def parse_flags(argv):
+    """absl's flag parsing with one-line errors (exit status 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 (flag/config parsing raises many kinds; all are usage errors)
+        print(f"error: {flag_error_line(e, argv)}", file=sys.stderr)
+        sys.exit(2)
 
 
-def train(config, max_steps=None):
-    import orbax.checkpoint as ocp
+def train(config, max_steps=None, **kwargs):
+    """(final TrainState, logged metric records); see ``lavit_jax.train.trainer.train``."""
+    return trainer.train(config, max_steps, **kwargs)
 
-    from lavit_jax.data.input_pipeline import image_batches
 
-    tc = config.train
-    if tc.stage != "tokenizer":
-        raise ValueError(f"config train.stage={tc.stage!r}: only 'tokenizer' (stage 1) is implemented")
-    data = image_batches(tc.data_dir, config.tokenizer.image_size, tc.batch_size, tc.seed)
-    it = iter(data)
-    mesh = sharding.make_mesh(tuple(config.mesh_shape))
-    rules = sharding.rules_from_config(config.logical_axis_rules)
-    rng = jax.random.key(tc.seed)
-
-    boxed = jax.eval_shape(lambda: st.init_params(config, rng))
-    param_sh = param_shardings(mesh, rules, boxed)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params = jax.jit(lambda: meta.unbox(st.init_params(config, rng)), out_shardings=param_sh)()
-    params = jax.device_put(load_init(config, params), param_sh)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        state = jax.jit(lambda p: st.init_state(config, rng, p))(params)
-
-    workdir = os.path.abspath(tc.workdir)
-    mgr = ocp.CheckpointManager(workdir, options=ocp.CheckpointManagerOptions(max_to_keep=tc.keep_checkpoints))
-    if mgr.latest_step() is not None:
-        step = mgr.latest_step()
-        restored = mgr.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-            data=ocp.args.JsonRestore()))
-        state = restored["state"]
-        it.set_state(restored["data"])
-        print(json.dumps({"resumed_from_step": int(step)}), flush=True)
-
-    batch_sh = sharding.batch_sharding(mesh, 4, rules)
-    step_fn = jax.jit(lambda s, x: st.train_step(config, s, x), donate_argnums=(0,))
-    start = int(state.step)
-    last = min(tc.steps, start + max_steps) if max_steps else tc.steps
-    t0 = time.time()
-    history = []
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for step in range(start, last):
-            pixels = jax.device_put(next(it), batch_sh)
-            state, metrics = step_fn(state, pixels)
-            done = step + 1
-            if done % tc.log_every == 0 or done == last:
-                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                m.update(step=done, seconds=round(time.time() - t0, 2))
-                history.append(m)
-                print(json.dumps(m), flush=True)
-            if done % tc.save_every == 0 or done == last:
-                mgr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                       data=ocp.args.JsonSave(it.get_state())))
-    mgr.wait_until_finished()
-    mgr.close()
-    return state, history
+def initialize_distributed():
+    """jax.distributed.initialize(): auto-detected on TPU pods and SLURM / Open MPI clusters; elsewhere from
+    LAVIT_COORDINATOR (host:port), LAVIT_NUM_PROCESSES and LAVIT_PROCESS_ID. CPU processes talk through gloo."""
+    if jax.config.jax_platforms in ("cpu",) or os.environ.get("JAX_PLATFORMS") == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if os.environ.get("LAVIT_COORDINATOR"):
+        jax.distributed.initialize(os.environ["LAVIT_COORDINATOR"], int(os.environ["LAVIT_NUM_PROCESSES"]),
+                                   int(os.environ["LAVIT_PROCESS_ID"]))
+    else:
+        jax.distributed.initialize()
 
 
 def main(argv):
     del argv
     if os.environ.get("LAVIT_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-    train(flags.FLAGS.config, flags.FLAGS.max_steps)
+        initialize_distributed()
+    try:
+        config = flags.FLAGS.config
+        config.train  # noqa: B018 (a config file that failed to load raises on first use)
+    except Exception as e:  # noqa: BLE001 (config_flags defers a config file's load errors to this access)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        print(f"error: --config: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+        return 2
+    try:
+        train(config, flags.FLAGS.max_steps)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,6 +1,10 @@
-"""LaVIT-7B: the released model's numbers.
+"""LaVIT-7B: the released model's numbers, and a train section per stage.
 
-Run:  python -m lavit_jax caption IMAGE --checkpoint CONVERTED_DIR --config configs/lavit_7b.py
+Run:  python -m lavit_jax caption IMAGE --checkpoint CONVERTED_DIR
+      python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images \\
+          --config.train.init_from=CONVERTED_DIR
+      python train.py --config configs/lavit_7b.py:lm --config.train.data_dir=/data/pairs.jsonl \\
+          --config.train.init_from=CONVERTED_DIR --config.train.tokenizer_from=CONVERTED_DIR
 """
 
 import ml_collections
@@ -65,32 +69,117 @@ def llm_config() -> ml_collections.ConfigDict:
     return c
 
 
-def train_config() -> ml_collections.ConfigDict:
-    """Stage-1 tokenizer training (train.py): data, optimiser, losses, checkpoints."""
+STAGES = ("tokenizer", "lm", "detokenizer")
+
+
+def common_train_config(stage: str) -> ml_collections.ConfigDict:
+    """train.* keys every stage reads (train.py; lavit_jax/train/trainer.py)."""
     c = ml_collections.ConfigDict()
-    c.stage = "tokenizer"
-    c.data_dir = ""  # a folder of images (searched recursively) or "synthetic:N"
-    c.batch_size = 256
+    c.stage = stage
+    c.data_dir = ""
+    c.batch_size = 256  # global, over all processes; divisible by the data-parallel size (data x fsdp)
+    c.grad_accum_steps = 1  # microbatches per step (batch_size / grad_accum_steps per forward)
     c.steps = 100_000
     c.lr = 1e-4
+    c.schedule = "cosine"  # cosine | linear | constant | rsqrt, after a linear warmup
     c.warmup_steps = 2000
+    c.min_lr_ratio = 0.0  # final lr = lr * min_lr_ratio
     c.weight_decay = 0.05
     c.b1, c.b2 = 0.9, 0.99
-    c.grad_clip = 1.0
-    c.target_keep_ratio = 1 / 3
-    c.keep_ratio_weight = 1.0
-    c.commitment_weight = 0.0
-    c.ema_decay = 0.99
-    c.init_from = ""  # released or converted checkpoint: the frozen EVA encoder (and a warm start)
-    c.workdir = "out/tokenizer_stage1"
+    c.grad_clip = 1.0  # global-norm clipping (0: off)
+    c.compute_dtype = "bfloat16"  # activations; master weights stay float32
+    c.init_from = ""  # a converted checkpoint (tools/convert_torch_weights.py)
+    c.workdir = f"out/{stage}"
     c.save_every = 1000
     c.keep_checkpoints = 3
     c.log_every = 50
     c.seed = 0
+    c.data_workers = 0  # Grain worker processes decoding data (0: in the main process)
+    c.tensorboard = True  # event files in WORKDIR/tensorboard
+    c.peak_tflops_per_device = 0.0  # for MFU; 0: by device kind (unknown on CPU)
     return c
 
 
-def get_config() -> ml_collections.ConfigDict:
+def train_config(stage: str = "tokenizer") -> ml_collections.ConfigDict:
+    """The train section of ``stage``: 'tokenizer' (stage 1), 'lm' (stage 2) or 'detokenizer'."""
+    if stage not in STAGES:
+        raise ValueError(f"config stage {stage!r}: expected one of {', '.join(STAGES)} (configs/FILE.py:STAGE)")
+    c = common_train_config(stage)
+    if stage == "tokenizer":
+        # Paper: 50K steps on ~100M LAION images, batch 2048, target keep ratio rho = 1/3.
+        c.workdir = "out/tokenizer_stage1"
+        c.data_dir = ""  # a folder of images (searched recursively) or "synthetic:N"
+        c.batch_size = 2048
+        c.steps = 50_000
+        c.target_keep_ratio = 1 / 3
+        c.keep_ratio_weight = 1.0
+        c.commitment_weight = 0.0
+        c.ema_decay = 0.99
+        c.quantize_start_step = 5000  # phase 1 (selector + merger, no quantization) before this step
+        c.kmeans_init = True  # k-means codebook init at quantize_start_step ...
+        c.kmeans_batches = 4  # ... from the kept features of this many batches
+        c.kmeans_iters = 10
+        c.dead_code_every = 1000  # restart codes with an EMA count below dead_code_threshold (0: never)
+        c.dead_code_threshold = 1e-3
+    elif stage == "lm":
+        # Our defaults (not from the paper): LLaMA-2-7B fine-tuned on the unified token sequences.
+        c.workdir = "out/lm_stage2"
+        c.data_dir = ""  # a JSONL file ({"image": PATH, "text": STR} per line) or "synthetic:N"
+        c.batch_size = 256  # packed rows of seq_len tokens
+        c.seq_len = 2048
+        c.examples_per_batch = 1024  # examples drawn per step, packed into batch_size rows
+        c.mix = (0.4, 0.4, 0.2)  # image->text, text->image, text only
+        c.pack_groups = 0  # packing groups per global batch (0: one per process; fix it to rerun on other hosts)
+        c.text_loss_weight = 1.0
+        c.visual_loss_weight = 1.0
+        c.lr = 2e-5
+        c.warmup_steps = 500
+        c.steps = 30_000
+        c.weight_decay = 0.1
+        c.b2 = 0.95
+        c.tokenizer_from = ""  # converted checkpoint with the (frozen) visual tokenizer; "" = random (tests)
+        c.text_tokenizer = ""  # folder with tokenizer.model (default: INIT_FROM/language_model)
+        c.max_text_tokens = 512
+    elif stage == "detokenizer":
+        # Our defaults (not from the paper): SD-1.5 UNet fine-tuning on the token decoder's condition.
+        c.workdir = "out/detokenizer"
+        c.data_dir = ""  # a folder of images or "synthetic:N"
+        c.batch_size = 256
+        c.lr = 1e-5
+        c.warmup_steps = 1000
+        c.weight_decay = 0.01
+        c.b2 = 0.999
+        c.steps = 50_000
+        c.cond_dropout = 0.1  # condition -> the sampler's negative, for classifier-free guidance
+        c.ema_decay = 0.9999  # EMA weights of the UNet (+ token decoder) for sampling
+        c.prediction_type = ""  # "" = the scheduler config's; epsilon | v_prediction | sample
+        c.train_token_decoder = True
+    return c
+
+
+def detokenizer_config(decoder: str = "lowres") -> ml_collections.ConfigDict:
+    """The diffusion decoder trained by the detokenizer stage (used when train.init_from has none): SD-1.5
+    shapes (diffusers field names); a converted checkpoint's own unet/vae/scheduler configs win."""
+    c = ml_collections.ConfigDict()
+    c.decoder = decoder  # lowres (SD-1.5, 512 px) | highres (SDXL, 1024 px)
+    c.resolution = 512
+    c.unet = ml_collections.ConfigDict(dict(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768,
+        attention_head_dim=8, norm_num_groups=32))
+    c.vae = ml_collections.ConfigDict(dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=512, scaling_factor=0.18215))
+    c.scheduler = ml_collections.ConfigDict(dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon"))
+    return c
+
+
+def get_config(stage: str | None = None) -> ml_collections.ConfigDict:
+    """``configs/lavit_7b.py`` (stage 'tokenizer') or ``configs/lavit_7b.py:STAGE``."""
     config = ml_collections.ConfigDict()
     config.name = "lavit_7b"
     config.tokenizer = tokenizer_config()
@@ -98,5 +187,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor)
     config.logical_axis_rules = None  # None: lavit_jax.ops.sharding.DEFAULT_RULES
     config.checkpoint = ""
-    config.train = train_config()
+    config.train = train_config(stage or "tokenizer")
+    if config.train.stage == "detokenizer":
+        config.detokenizer = detokenizer_config()
+    if config.train.stage == "lm":
+        config.mesh_shape = (1, -1, 1)  # FSDP over all devices for the 7B LLM
+        config.llm.remat = "full"
     return config

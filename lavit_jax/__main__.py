@@ -1,60 +1,146 @@
 """LaVIT from the command line, on a checkpoint converted by tools/convert_torch_weights.py.
 
-    python -m lavit_jax caption IMAGE --checkpoint DIR
-    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR
+    python -m lavit_jax caption IMAGE --checkpoint DIR [--keep argmax|sample] [--seed S]
+    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S]
     python -m lavit_jax text2image PROMPT --out FILE.png [--decoder lowres|highres] [--steps N] [--guidance G]
                                    [--llm-guidance G] [--seed S] [--size PX] --checkpoint DIR
-    python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] --checkpoint DIR
-    python -m lavit_jax reconstruct IMAGE --out FILE.png [--decoder] [--steps] [--guidance] [--seed] [--size]
+    python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] [--keep argmax|sample] --checkpoint DIR
+    python -m lavit_jax reconstruct IMAGE --out FILE.png [--decoder] [--steps N] [--seed S] [--keep] --checkpoint DIR
 
-``--checkpoint`` defaults to $LAVIT_CHECKPOINT. Errors (missing file, non-image, empty prompt, a
-checkpoint without the needed part) print one line ``error: ...`` and exit with status 2.
+``--checkpoint`` defaults to $LAVIT_CHECKPOINT. Every argument is checked before any weights are
+read; unset sizes and token counts follow the checkpoint. ``--out`` never replaces an input image,
+and replaces another existing file only with ``--overwrite`` (written atomically). ``--keep``: the
+tokenizer's keep decisions, deterministic ``argmax`` or the reference's ``sample`` (hard Gumbel,
+seeded by ``--seed``). Errors (missing file, non-image, empty prompt, a bad value, a checkpoint
+without the needed part) print one line ``error: ...`` and exit with status 2; ``warning: ...``
+lines do not stop the run. Progress bars go to stderr (plain lines when it is not a terminal);
+``--verbose`` also shows the libraries' INFO logs (Orbax).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
+import re
+import secrets
 import sys
 
+import numpy as np
+from absl import logging as absl_logging
+from PIL import Image
+from tqdm import std as tqdm_std
+
+from lavit_jax import checkpoint
+from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults
+from lavit_jax.inference.lavit import LaVIT
+
+DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "f16": "float16", "fp16": "float16"}
+KEEP_MODES = ("argmax", "sample")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one-line errors: ``error: MESSAGE (see PROG --help)``, exit status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _int(minimum: int, what: str):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: {what}")
+        return value
+
+    return parse
+
+
+def _float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not np.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _top_p(text):
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value}: must be in (0, 1]")
+    return value
+
+
+def _dtype(text):
+    if text.lower() not in DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of float32, bfloat16, float16 (or f32, bf16, f16)")
+    return DTYPES[text.lower()]
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lavit_jax", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m lavit_jax", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    positive = _int(1, "must be at least 1")
 
     def common(sp):
         sp.add_argument("--checkpoint", default=os.environ.get("LAVIT_CHECKPOINT"),
                         help="converted checkpoint directory (default $LAVIT_CHECKPOINT)")
-        sp.add_argument("--dtype", default=None, help="compute dtype (default: the stored dtype)")
+        sp.add_argument("--dtype", type=_dtype, default=None,
+                        help="compute dtype: float32, bfloat16 or float16 (default: the stored dtype)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--verbose", action="store_true", help="also show the libraries' INFO logs (Orbax)")
+
+    def keep(sp, seed=True):
+        sp.add_argument("--keep", choices=KEEP_MODES, default=None,
+                        help="tokenizer keep decisions: argmax (deterministic) or sample (the reference's hard "
+                             f"Gumbel sample, seeded by --seed) (default {defaults.KEEP})")
+        if seed:
+            sp.add_argument("--seed", type=_int(0, "must be >= 0"), default=None, help="random seed (default 0)")
 
     def image_out(sp, task):
-        sp.add_argument("--out", required=True, help="output image file (.png)")
+        sp.add_argument("--out", required=True, help="output image file (.png, .jpg, .webp, .bmp)")
+        sp.add_argument("--overwrite", action="store_true", help="replace an existing --out / --ids-out file")
         sp.add_argument("--decoder", choices=("lowres", "highres"), default=None,
                         help="pixel decoder (default highres when converted, else lowres)")
-        sp.add_argument("--steps", type=int, default=task.steps, help="diffusion steps")
-        sp.add_argument("--guidance", type=float, default=task.guidance, help="decoder classifier-free guidance")
-        sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--size", type=int, default=None, help="image side in pixels (default 512 / 1024)")
+        sp.add_argument("--steps", type=positive, default=None, help=f"diffusion steps (default {task.steps})")
+        sp.add_argument("--guidance", type=_float, default=None,
+                        help=f"decoder classifier-free guidance (default {task.guidance})")
+        sp.add_argument("--seed", type=_int(0, "must be >= 0"), default=None, help="random seed (default 0)")
+        sp.add_argument("--size", type=_int(1, "must be a positive number of pixels"), default=None,
+                        help="image side in pixels, a multiple of the decoder's downsampling factor (default: the "
+                             "decoder's native size, from the checkpoint)")
         sp.add_argument("--ids-out", default=None, help="also save the visual ids [B, N] (.npy) here")
 
     def sampling(sp, task):
-        sp.add_argument("--llm-guidance", type=float, default=task.llm_guidance, help="LLM classifier-free guidance")
-        sp.add_argument("--top-k", type=int, default=task.top_k)
-        sp.add_argument("--top-p", type=float, default=task.top_p)
-        sp.add_argument("--min-new-tokens", type=int, default=task.min_new_tokens)
-        sp.add_argument("--max-new-tokens", type=int, default=task.max_new_tokens)
+        sp.add_argument("--llm-guidance", type=_float, default=None,
+                        help=f"LLM classifier-free guidance (default {task.llm_guidance})")
+        sp.add_argument("--top-k", type=_int(0, "must be >= 0 (0 disables top-k)"), default=None,
+                        help=f"(default {task.top_k})")
+        sp.add_argument("--top-p", type=_top_p, default=None, help=f"(default {task.top_p})")
+        sp.add_argument("--min-new-tokens", type=_int(0, "must be >= 0"), default=None,
+                        help="(default: the API's, at most --max-new-tokens)")
+        sp.add_argument("--max-new-tokens", type=positive, default=None,
+                        help="(default: from the checkpoint, the visual tokens an image can have)")
 
     sp = sub.add_parser("caption", help="caption an image")
     sp.add_argument("image")
     common(sp)
+    keep(sp)
     sp = sub.add_parser("vqa", help="answer a question about an image")
     sp.add_argument("image")
     sp.add_argument("question")
     common(sp)
+    keep(sp)
     sp = sub.add_parser("text2image", help="generate an image from a text prompt")
     sp.add_argument("prompt")
     common(sp)
@@ -66,18 +152,66 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     image_out(sp, defaults.EDIT)
     sampling(sp, defaults.EDIT)
+    keep(sp, seed=False)
     sp = sub.add_parser("reconstruct", help="tokenize an image and decode its visual tokens back to pixels")
     sp.add_argument("image")
     common(sp)
     image_out(sp, defaults.RECONSTRUCT)
+    keep(sp, seed=False)
     return p
 
 
-def _check_inputs(args) -> None:
-    """Cheap checks before any weights are read."""
-    from lavit_jax import checkpoint
-    from lavit_jax.data.image_io import load_image
+# ------------------------------------------------------------------------------------------ checks
 
+
+def warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _check_writable(path: str, flag: str, overwrite: bool, inputs) -> None:
+    """``path`` may be written: its folder exists and takes files, it is no input, it exists only with overwrite."""
+    for src in inputs:
+        if os.path.exists(path) and _same_file(path, src):
+            raise ValueError(f"{flag} {path} is an input of this command; write the result to another file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"output directory not found: {parent} ({flag} {path})")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{flag} {path} is a directory; give a file name")
+    if os.path.lexists(path) and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    try:  # the real test: can a file be created there (permissions, read-only or full file system)
+        probe = os.path.join(parent, f".{os.path.basename(path)}.probe-{secrets.token_hex(4)}")
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from e
+
+
+def _decoder_factor(ckpt: str, manifest: dict, decoder: str | None) -> tuple[str, int] | None:
+    """(decoder the task will use, its image-size factor: VAE x UNet downsampling), None if not converted."""
+    if decoder is None:
+        avail = checkpoint.available_decoders(ckpt)
+        decoder = "highres" if "highres" in avail or not avail else "lowres"
+    folder = checkpoint.DECODER_FOLDERS[decoder]
+    if folder not in manifest.get("parts", {}):
+        return None  # the task reports the missing part
+    root = os.path.join(ckpt, folder)
+    unet_cfg = checkpoint.read_unet_config(os.path.join(root, "unet_config.json"))
+    vae_cfg = checkpoint.read_vae_config(os.path.join(root, "vae_config.json"))
+    return decoder, 2 ** (len(vae_cfg.block_out_channels) - 1) * 2 ** (len(unet_cfg.block_out_channels) - 1)
+
+
+def _check_inputs(args) -> None:
+    """Every check that needs no weights, before any are read."""
     if getattr(args, "image", None) is not None:
         load_image(args.image)
     for field in ("prompt", "question"):
@@ -88,55 +222,158 @@ def _check_inputs(args) -> None:
         raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
     if not os.path.isdir(args.checkpoint):
         raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
-    checkpoint.read_manifest(args.checkpoint)
-    out = getattr(args, "out", None)
-    if out is not None:
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise FileNotFoundError(f"output directory not found: {parent}")
-        ext = os.path.splitext(out)[1].lower()
-        if ext not in (".png", ".jpg", ".jpeg", ".webp", ".bmp"):
-            raise ValueError(f"output file {out}: use an image extension such as .png")
+    manifest = checkpoint.read_manifest(args.checkpoint)
+    if getattr(args, "out", None) is None:
+        return
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ValueError(f"output file {args.out}: use an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+    inputs = [args.image] if getattr(args, "image", None) else []
+    _check_writable(args.out, "--out", args.overwrite, inputs)
+    if args.ids_out:
+        if not args.ids_out.endswith(".npy"):
+            raise ValueError(f"--ids-out {args.ids_out}: use a .npy file name")
+        if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
+            raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
+        _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+    if args.size is not None:
+        picked = _decoder_factor(args.checkpoint, manifest, args.decoder)
+        if picked is not None and args.size % picked[1]:
+            lo = max(picked[1], args.size // picked[1] * picked[1])
+            raise ValueError(f"--size {args.size}: must be a multiple of {picked[1]} for the {picked[0]} decoder "
+                             f"(its VAE and UNet downsampling), e.g. {lo} or {lo + picked[1]}")
+    for flag in ("guidance", "llm_guidance"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            warn(f"--{flag.replace('_', '-')} {value} is negative: it pushes the result away from the prompt")
+    lo, hi = getattr(args, "min_new_tokens", None), getattr(args, "max_new_tokens", None)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"--min-new-tokens {lo} is larger than --max-new-tokens {hi}")
+
+
+# ------------------------------------------------------------------------------------------ run
+
+
+def _given(args, *names) -> dict:
+    """{name: value} of the options the user set (None = unset: the API picks, from the checkpoint)."""
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def _save_atomic(path: str, write) -> None:
+    """``write(tmp)`` then rename onto ``path``: an existing file stays whole until the new one is."""
+    parent, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(parent, f".{name}.partial-{secrets.token_hex(4)}{os.path.splitext(name)[1]}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def run(args) -> None:
-    import numpy as np
-
-    from lavit_jax.inference.lavit import LaVIT
-
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
     progress = not args.no_progress
     if args.command == "caption":
-        print(model.caption(args.image, progress=progress))
+        print(model.caption(args.image, progress=progress, **_given(args, "keep", "seed")))
         return
     if args.command == "vqa":
-        print(model.vqa(args.image, args.question, progress=progress))
+        print(model.vqa(args.image, args.question, progress=progress, **_given(args, "keep", "seed")))
         return
-    image_kw = dict(decoder=args.decoder, steps=args.steps, guidance=args.guidance, seed=args.seed, size=args.size,
-                    return_ids=True, progress=progress)
+    kw = dict(return_ids=True, progress=progress, **_given(args, "decoder", "steps", "guidance", "seed", "size"))
     if args.command in ("text2image", "edit"):
-        image_kw.update(llm_guidance=args.llm_guidance, top_k=args.top_k, top_p=args.top_p,
-                        min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens)
+        kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens"))
+    if args.command in ("edit", "reconstruct"):
+        kw.update(_given(args, "keep"))
     if args.command == "text2image":
-        image, (ids, lengths) = model.text2image(args.prompt, **image_kw)
+        image, (ids, lengths) = model.text2image(args.prompt, **kw)
     elif args.command == "edit":
-        image, (ids, lengths) = model.edit(args.image, args.prompt, **image_kw)
+        image, (ids, lengths) = model.edit(args.image, args.prompt, **kw)
     else:
-        image, (ids, lengths) = model.reconstruct(args.image, **image_kw)
-    image.save(args.out)
+        image, (ids, lengths) = model.reconstruct(args.image, **kw)
+    fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]
+    _save_atomic(args.out, lambda tmp: image.save(tmp, format=fmt))
     if args.ids_out:
-        np.save(args.ids_out, np.asarray(ids)[:, : int(np.max(lengths))])
+        arr = np.asarray(ids)[:, : int(np.max(lengths))]
+        _save_atomic(args.ids_out, lambda tmp: np.save(tmp, arr))
     print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, {int(lengths[0])} visual tokens)")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves between nested bars
+
+
+class _PlainLines(io.TextIOBase):
+    """A non-terminal stderr for progress bars: each carriage-return redraw becomes one plain line."""
+
+    def __init__(self, stream):
+        self.stream, self.buf, self.last = stream, "", None
+
+    def write(self, s):
+        for part in re.split(r"([\r\n])", _ANSI.sub("", s)):
+            if part in ("\r", "\n"):
+                self._emit()
+            else:
+                self.buf += part
+        return len(s)
+
+    def _emit(self):
+        line, self.buf = self.buf.strip(), ""
+        if line and line != self.last:
+            self.stream.write(line + "\n")
+            self.last = line
+
+    def flush(self):
+        self.stream.flush()
+
+    def isatty(self):
+        return False
+
+
+def close_progress_bars() -> None:
+    """Closes every open tqdm bar (the library's stage and diffusion bars) so an error prints on its own line."""
+    for bar in list(tqdm_std.tqdm._instances):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in str(e) or "Out of memory" in str(e)
 
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    verbosity = absl_logging.get_verbosity()
+    if args.verbose:
+        absl_logging.use_absl_handler()
+        absl_logging.set_verbosity(absl_logging.INFO)
+    else:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    stderr = sys.stderr
+    plain = not stderr.isatty()
+    if plain:
+        sys.stderr = _PlainLines(stderr)
+    error = None
     try:
         run(args)
     except (OSError, ValueError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        error = f"error: {msg}"
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        size = f" at --size {args.size}" if getattr(args, "size", None) else ""
+        error = (f"error: out of memory running {args.command}{size} "
+                 "(try a smaller --size, --dtype bfloat16 or a device with more memory)")
+    finally:
+        close_progress_bars()
+        if plain:
+            sys.stderr.write("\n")  # the last redraw
+            sys.stderr = stderr
+        absl_logging.set_verbosity(verbosity)
+    if error is not None:
+        print(error, file=sys.stderr)
         return 2
     return 0
 

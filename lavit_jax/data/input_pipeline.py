@@ -1,21 +1,46 @@
-"""Grain input pipelines: image folders (or synthetic images) -> CLIP-normalised batches.
+"""Grain input pipelines for training: images (stage 1, detokenizer) and image/text examples (stage 2).
 
-``image_batches(spec, image_size, batch_size, seed)`` returns a Grain dataset whose iterators have
-``get_state()/set_state()`` (saved with the training checkpoint). Each process reads its own shard
-(``jax.process_index()`` of ``jax.process_count()``).
+``image_batches(spec, image_size, batch_size, seed)``: a repeating, shuffled Grain dataset of
+[batch_size, S, S, 3] float32 CLIP-normalised batches from an image folder (searched recursively)
+or ``synthetic:N`` (N deterministic random-blob images). ``diffusion_batches`` adds the same images
+at the VAE's resolution in [-1, 1] (the detokenizer stage).
+
+``lm_examples(spec, image_size, seed, examples, ...)``: a repeating, shuffled Grain dataset whose
+elements are lists of ``examples`` stage-2 examples, each a dict ``kind`` (0 image->text, 1
+text->image, 2 text only), ``text`` (int32 text ids) and ``pixels`` [S, S, 3] float32 (zeros for
+text-only examples). Sources: ``synthetic:N`` (deterministic images and learnable id patterns) or
+a JSONL file (``{"image": PATH, "text": STR}`` per line, image optional, paths relative to the
+file; text ids from ``text_tokenizer``).
+
+Every iterator has ``get_state()/set_state()`` (saved with the training checkpoint), shuffling is
+deterministic (``seed``), each process reads its own shard (``process_index`` of ``process_count``,
+default ``jax.process_index()`` / ``jax.process_count()``), and ``workers > 0`` decodes in that many
+worker processes with prefetch. A corrupt or unreadable image is logged with its path, counted
+(``skipped_images()``, in this process) and skipped; it never stops the run.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
-from lavit_jax.data.image_io import preprocess
+from lavit_jax.data.image_io import ImageInputError, load_image, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+KIND_IMAGE_TO_TEXT, KIND_TEXT_TO_IMAGE, KIND_TEXT = 0, 1, 2
+_SKIPPED = {"count": 0}
+log = logging.getLogger(__name__)
+
+
+def skipped_images() -> int:
+    """Images skipped as unreadable so far in this process (decoding in worker processes is not counted)."""
+    return _SKIPPED["count"]
 
 
 def list_images(data_dir: str) -> list[str]:
@@ -41,18 +66,170 @@ def synthetic_image(index: int, size: int = 64) -> np.ndarray:
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
-def image_batches(spec: str, image_size: int, batch_size: int, seed: int = 0):
-    """A repeating, shuffled Grain dataset of [batch_size, S, S, 3] float32 batches."""
-    if spec.startswith("synthetic:"):
-        source = list(range(int(spec.split(":", 1)[1])))
-        load = synthetic_image
-    else:
-        source = list_images(spec)
-        load = str
-    source = source[jax.process_index()::jax.process_count()]
-    if len(source) < batch_size:
-        raise ValueError(f"config train.data_dir: {len(source)} images for this process, fewer than "
-                         f"train.batch_size={batch_size}")
+def _load_pixels(item, image_size: int):
+    """Preprocessed [S, S, 3] float32 of a synthetic index or an image path; None (logged, counted) if unreadable."""
+    try:
+        return preprocess(synthetic_image(item) if isinstance(item, int | np.integer) else str(item), image_size)[0]
+    except (ImageInputError, OSError, ValueError) as e:
+        _SKIPPED["count"] += 1
+        log.warning("skipping unreadable image %s: %s", item, e)
+        return None
+
+
+def _process(process_index, process_count) -> tuple[int, int]:
+    return (jax.process_index() if process_index is None else process_index,
+            jax.process_count() if process_count is None else process_count)
+
+
+def _load_block(items, load):
+    """Decodes a block of items; an unreadable one is replaced by the next readable one of the block."""
+    out = [load(x) for x in items]
+    n = len(out)
+    if all(o is None for o in out):
+        raise ValueError(f"config train.data_dir: none of the {n} images of a batch block is readable "
+                         f"(e.g. {items[0]}); see the warnings above")
+    return [o if o is not None else next(out[(i + j) % n] for j in range(1, n) if out[(i + j) % n] is not None)
+            for i, o in enumerate(out)]
+
+
+def _stack(examples):
+    if isinstance(examples[0], dict):
+        return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+    return np.stack(examples)
+
+
+def sharded_batches(source: list, load, local_batch: int, seed: int = 0, *, process_index=None, process_count=None,
+                    workers: int = 0, collate=_stack, what: str = "images", field: str = "train.batch_size",
+                    indexed: bool = False):
+    """This process's part of a global batch stream, as a Grain dataset of ``collate``d blocks.
+
+    The stream is ``source`` shuffled (``seed``) and repeated; global batch g is its elements
+    [g B, (g+1) B) with B = local_batch x process_count, and process p decodes and yields block
+    [p b, (p+1) b) of each (b = local_batch). So the global batches do not depend on the number of
+    processes. ``load(item)`` returns an example or None for an unreadable item (replaced by the next
+    readable one of its block); with ``indexed`` it gets (position in the stream, item).
+    """
+    pi, pc = _process(process_index, process_count)
+    if len(source) < local_batch * pc:
+        raise ValueError(f"config train.data_dir: {len(source)} {what}, fewer than {field}={local_batch * pc}")
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds.map(lambda item: preprocess(load(item), image_size)[0])
-    return ds.batch(batch_size, drop_remainder=True)
+    if indexed:
+        ds = ds.map_with_index(lambda i, item: (i, item))
+    ds = ds.batch(local_batch, drop_remainder=True, batch_fn=list)
+    if pc > 1:
+        ds = ds[pi::pc]
+    ds = ds.map(lambda items: collate(_load_block(items, load)))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1 if workers else 2, prefetch_buffer_size=8))
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return ds
+
+
+def _image_source(spec: str) -> list:
+    if spec.startswith("synthetic:"):
+        return list(range(int(spec.split(":", 1)[1])))
+    return list_images(spec)
+
+
+def image_batches(spec: str, image_size: int, batch_size: int, seed: int = 0, *, process_index=None,
+                  process_count=None, workers: int = 0):
+    """A repeating, shuffled Grain dataset of [batch_size, S, S, 3] float32 batches (batch_size per process)."""
+    return sharded_batches(_image_source(spec), lambda item: _load_pixels(item, image_size), batch_size, seed,
+                           process_index=process_index, process_count=process_count, workers=workers)
+
+
+def _diffusion_example(item, tokenizer_size: int, resolution: int):
+    """{'pixels': CLIP-normalised [S, S, 3], 'images': [-1, 1] [R, R, 3]} of one image; None if unreadable."""
+    try:
+        img = load_image(synthetic_image(item) if isinstance(item, int | np.integer) else str(item))
+    except (ImageInputError, OSError, ValueError) as e:
+        _SKIPPED["count"] += 1
+        log.warning("skipping unreadable image %s: %s", item, e)
+        return None
+    pixels = preprocess(img, tokenizer_size)[0]
+    images = np.asarray(img.resize((resolution, resolution), Image.BICUBIC), np.float32) / 127.5 - 1.0
+    return {"pixels": pixels, "images": images}
+
+
+def diffusion_batches(spec: str, tokenizer_size: int, resolution: int, batch_size: int, seed: int = 0, *,
+                      process_index=None, process_count=None, workers: int = 0):
+    """Batches {'pixels' [B, S, S, 3] (tokenizer input), 'images' [B, R, R, 3] in [-1, 1] (VAE input)}."""
+    return sharded_batches(_image_source(spec), lambda item: _diffusion_example(item, tokenizer_size, resolution),
+                           batch_size, seed, process_index=process_index, process_count=process_count,
+                           workers=workers)
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+
+
+def synthetic_text(index: int, text_vocab: int = 256, first_id: int = 3) -> np.ndarray:
+    """Deterministic learnable text ids for example ``index``: an arithmetic progression mod ``text_vocab``."""
+    rng = np.random.default_rng(10_000 + index)
+    n = int(rng.integers(8, 25))
+    start, step = int(rng.integers(0, text_vocab)), int(rng.integers(1, 4))
+    return (first_id + (start + step * np.arange(n)) % text_vocab).astype(np.int32)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Records {image: abs path or None, text: str} of a JSONL file (one-line errors naming the file and line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config train.data_dir: JSONL file not found: {path}")
+    root = os.path.dirname(os.path.abspath(path))
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"config train.data_dir: {path} line {n} is not JSON ({e})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise ValueError(f"config train.data_dir: {path} line {n} has no \"text\" string")
+            image = rec.get("image")
+            out.append({"image": os.path.join(root, image) if image else None, "text": rec["text"]})
+    if not out:
+        raise ValueError(f"config train.data_dir: {path} has no records")
+    return out
+
+
+def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.4, 0.4, 0.2), text_tokenizer=None,
+                max_text_tokens: int = 512, process_index=None, process_count=None, workers: int = 0):
+    """Lists of ``examples`` stage-2 examples (see the module docstring); kinds drawn with probabilities ``mix``."""
+    mix = np.asarray(mix, np.float64)
+    if mix.shape != (3,) or (mix < 0).any() or mix.sum() <= 0:
+        raise ValueError(f"config train.mix={tuple(mix)}: expected 3 non-negative fractions "
+                         "(image->text, text->image, text only)")
+    cum = np.cumsum(mix / mix.sum())
+    if spec.startswith("synthetic:"):
+        records = list(range(int(spec.split(":", 1)[1])))
+    else:
+        if text_tokenizer is None:
+            raise ValueError("config train.text_tokenizer: a JSONL source needs the text tokenizer "
+                             "(a converted checkpoint directory)")
+        records = read_jsonl(spec)
+
+    def load(i_rec):
+        i, rec = i_rec
+        u = np.random.default_rng([seed, i]).random()
+        if isinstance(rec, int):
+            text, image = synthetic_text(rec), rec
+        else:
+            text = np.asarray(text_tokenizer.encode(rec["text"])[:max_text_tokens], np.int32)
+            image = rec["image"]
+        if len(text) == 0:
+            log.warning("skipping a record with empty text (image %s)", image)
+            return None
+        kind = min(int(np.searchsorted(cum, u, side="right")), KIND_TEXT) if image is not None else KIND_TEXT
+        if kind == KIND_TEXT:
+            pixels = np.zeros((image_size, image_size, 3), np.float32)
+        else:
+            pixels = _load_pixels(image, image_size)
+            if pixels is None:
+                return None
+        return {"kind": kind, "text": text, "pixels": pixels}
+
+    # The kind is drawn per position in the global stream: independent of the process count.
+    return sharded_batches(records, load, examples, seed, process_index=process_index, process_count=process_count,
+                           workers=workers, collate=list, what="examples", field="train.examples_per_batch",
+                           indexed=True)

@@ -12,6 +12,10 @@ A forward writes its T new keys/values at slots ``[cache_index, cache_index + T)
 ``cache_index + t`` sees the key slots ``s <= cache_index + t`` whose ``attention_mask[b, s]`` is set.
 Without a cache the keys are the T tokens themselves (S = T, cache_index = 0).
 
+Packed sequences (training): ``segment_ids`` [B, T] (1, 2, ... per packed sequence, 0 for padding, as
+``lavit_jax.data.packing`` writes them) make attention causal within each segment (the attention op's
+segment ids, on every backend); positions then default to 0, 1, ... restarting at every segment.
+
 The decoder layers run under ``nn.scan`` when ``scan_layers`` (the default; params ``layers/...`` with
 a leading [L] axis) or unrolled as ``layers_{i}``; both give the same outputs.
 
@@ -196,7 +200,7 @@ class LlamaAttention(nn.Module):
     config: ml_collections.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None, segment_ids=None):
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -221,11 +225,18 @@ class LlamaAttention(nn.Module):
             keys = jax.lax.dynamic_update_slice(layer_cache["k"], kk.astype(layer_cache["k"].dtype), idx)
             values = jax.lax.dynamic_update_slice(layer_cache["v"], vv.astype(layer_cache["v"].dtype), idx)
             new_cache = {"k": keys, "v": values}
-        s = keys.shape[1]
-        q_slot = start + jnp.arange(t)[:, None]
-        causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
-        mask = jnp.logical_and(causal[None, None], attention_mask[:, None, None, :].astype(bool))  # [B, 1, T, S]
-        out = dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask, implementation=cfg.attention_impl)
+        if segment_ids is not None:  # packed sequences, no cache: causal within each segment
+            mask = None if attention_mask is None else attention_mask[:, None, None, :].astype(bool)
+            out = dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask, is_causal=True,
+                                        q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
+                                        implementation=cfg.attention_impl)
+        else:
+            s = keys.shape[1]
+            q_slot = start + jnp.arange(t)[:, None]
+            causal = jnp.arange(s)[None, :] <= q_slot  # [T, S]
+            mask = jnp.logical_and(causal[None, None], attention_mask[:, None, None, :].astype(bool))  # [B, 1, T, S]
+            out = dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=mask,
+                                        implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = out.reshape(b, t, h * d)
         out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, name="o_proj")(out)
@@ -255,11 +266,12 @@ class LlamaDecoderLayer(nn.Module):
     config: ml_collections.FrozenConfigDict
 
     @nn.compact
-    def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None):
+    def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None, segment_ids=None):
         cfg = self.config
         dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="input_layernorm")(x)
-        h, new_cache = LlamaAttention(cfg, name="self_attn")(h, positions, attention_mask, layer_cache, cache_index)
+        h, new_cache = LlamaAttention(cfg, name="self_attn")(h, positions, attention_mask, layer_cache, cache_index,
+                                                            segment_ids)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="post_attention_layernorm")(x)
         x = x + LlamaMLP(cfg, name="mlp")(h)
@@ -267,8 +279,9 @@ class LlamaDecoderLayer(nn.Module):
         return x, new_cache
 
 
-# Per-layer arguments of LlamaDecoderLayer: positions, mask and cache index are shared, the cache is per layer.
-_LAYER_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+# Per-layer arguments of LlamaDecoderLayer: positions, mask, cache index and segment ids are shared, the cache is
+# per layer.
+_LAYER_IN_AXES = (nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -276,7 +289,7 @@ class LlamaForCausalLM(nn.Module):
     ``lm_head`` (HF names, no "model.").
 
     ``__call__(input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-    cache_index=None)`` -> (logits [B, T, V] float32, new cache or None).
+    cache_index=None, segment_ids=None)`` -> (logits [B, T, V] float32, new cache or None).
     ``embed(ids [B, T])`` -> [B, T, C] token embeddings.
     """
 
@@ -306,7 +319,7 @@ class LlamaForCausalLM(nn.Module):
         return self.embed_tokens(ids)
 
     def hidden_states(self, input_ids=None, inputs_embeds=None, attention_mask=None, positions=None, cache=None,
-                      cache_index=None):
+                      cache_index=None, segment_ids=None):
         """The decoder's final-norm output [B, T, C] and the new cache (see ``__call__``)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -314,18 +327,26 @@ class LlamaForCausalLM(nn.Module):
         b, t, _ = x.shape
         if cache is not None and cache_index is None:
             raise ValueError("a cache needs cache_index")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed sequences) are for training forwards, without a cache")
+            if segment_ids.shape != (b, t):
+                raise ValueError(f"segment_ids has shape {segment_ids.shape}, expected {(b, t)} (batch, length)")
         s = t if cache is None else cache["k"].shape[2]
-        if attention_mask is None:
+        if attention_mask is None and segment_ids is None:
             attention_mask = jnp.ones((b, s), jnp.int32)
-        if attention_mask.shape != (b, s):
+        if attention_mask is not None and attention_mask.shape != (b, s):
             raise ValueError(f"attention_mask has shape {attention_mask.shape}, expected {(b, s)} (batch, key slots)")
         if positions is None:
-            if cache is None:
+            if segment_ids is not None:
+                positions = segment_positions(segment_ids)
+            elif cache is None:
                 positions = default_positions(attention_mask)
             else:
                 positions = jnp.broadcast_to(cache_index + jnp.arange(t)[None], (b, t))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        x, new_cache = run_layers(self.layers, x, positions, attention_mask, cache, cache_index, in_axes=_LAYER_IN_AXES)
+        x, new_cache = run_layers(self.layers, x, positions, attention_mask, cache, cache_index, segment_ids,
+                                  in_axes=_LAYER_IN_AXES)
         return self.norm(x), new_cache
 
     def logits(self, hidden):
@@ -344,8 +365,10 @@ class LlamaForCausalLM(nn.Module):
         positions=None,
         cache=None,
         cache_index=None,
+        segment_ids=None,
     ):
-        x, new_cache = self.hidden_states(input_ids, inputs_embeds, attention_mask, positions, cache, cache_index)
+        x, new_cache = self.hidden_states(input_ids, inputs_embeds, attention_mask, positions, cache, cache_index,
+                                          segment_ids)
         return self.logits(x), new_cache
 
 
@@ -353,6 +376,16 @@ def default_positions(attention_mask):
     """HF position ids for a left-padded mask [B, T]: cumsum(mask) - 1, 0 at padding."""
     m = attention_mask.astype(jnp.int32)
     return jnp.where(m > 0, jnp.cumsum(m, axis=-1) - 1, 0)
+
+
+def segment_positions(segment_ids):
+    """Positions restarting at every segment of packed rows: segment_ids [B, T] -> [B, T] int32 (0 in padding)."""
+    seg = segment_ids.astype(jnp.int32)
+    t = seg.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return jnp.where(seg > 0, idx - start_idx, 0)
 
 
 def init_cache(config, batch: int, slots: int, dtype=None):
