@@ -100,13 +100,14 @@ def evaluate(config, ckpt, data_dir, limit=256, batch_size=8, keep_mode="argmax"
     tc = freeze(config.tokenizer)
     params, dec = load_params(config, ckpt)
     model = DynamicVisualTokenizer(tc)
+    decoder = TokenDecoder(st.feature_decoder_config(tc))  # the stage-1 feature decoder
 
     @jax.jit
     def run(p, d, x, rng):
         out = model.apply({"params": p}, x, mode=keep_mode, rng=rng, with_llm_features=False)
         res = {"lengths": out["lengths"], "codes": out["codes"]}
         if d is not None:
-            rec = TokenDecoder(st.feature_decoder_config(tc)).apply({"params": d}, out["quantized"], out["lengths"], features_only=True)
+            rec = decoder.apply({"params": d}, out["quantized"], out["lengths"], features_only=True)
             res["cos"] = 1.0 - jax.vmap(st.cosine_loss)(rec, out["eva_features"][:, 1:])  # per image
         return res
 

@@ -1,17 +1,19 @@
 """Training entry point for every stage: the visual tokenizer (stage 1), the LLM (stage 2), the detokenizer.
 
     python train.py --config configs/tiny.py [--config.train.steps=100] [--config.train.data_dir=DIR]
-    python train.py --config configs/tiny.py:lm --config.train.steps=60 --config.train.workdir=out/tiny_lm
+    python train.py --config configs/tiny.py:lm
     python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images \\
         --config.train.init_from=/ckpt/LaVIT-7B-v2-converted --config.mesh_shape='(-1,1,1)'
 
 The stage is the part after ':' (tokenizer, lm, detokenizer; default tokenizer); the loop is
 ``lavit_jax/train/trainer.py``. Sharded with jit over a (data, fsdp, tensor) mesh. Orbax
 checkpoints every train.save_every steps in train.workdir; rerunning the same command resumes from
-the latest; SIGTERM saves and exits. Metrics go to WORKDIR/metrics.jsonl, TensorBoard event files
-in WORKDIR/tensorboard and the console. Multi-host: set LAVIT_DISTRIBUTED=1 to call
-jax.distributed.initialize() (on TPU pods and SLURM/Open MPI GPU clusters it finds its peers; elsewhere
-set LAVIT_COORDINATOR=host:port, LAVIT_NUM_PROCESSES and LAVIT_PROCESS_ID).
+the latest; SIGTERM saves and exits. JAX's persistent compilation cache is on, as for the CLI
+(``LAVIT_COMPILATION_CACHE``, ``lavit_jax/compile_cache.py``), so a restarted run skips
+compilation. Metrics go to WORKDIR/metrics.jsonl, TensorBoard event files in WORKDIR/tensorboard
+and the console. Multi-host: set LAVIT_DISTRIBUTED=1 to call jax.distributed.initialize() (on TPU
+pods and SLURM/Open MPI GPU clusters it finds its peers; elsewhere set LAVIT_COORDINATOR=host:port,
+LAVIT_NUM_PROCESSES and LAVIT_PROCESS_ID).
 Exit status: 0 done or preempted, 1 stopped by a non-finite loss, 2 bad config or input.
 """
 
@@ -25,6 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from lavit_jax import compile_cache
 from lavit_jax.train import trainer
 from lavit_jax.train.trainer import NonFiniteError
 
@@ -80,6 +83,7 @@ def main(argv):
     del argv
     if os.environ.get("LAVIT_DISTRIBUTED") == "1":
         initialize_distributed()
+    compile_cache.enable()
     try:
         config = flags.FLAGS.config
         config.train  # noqa: B018 (a config file that failed to load raises on first use)

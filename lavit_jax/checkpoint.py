@@ -23,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -56,8 +54,14 @@ class CheckpointPartError(FileNotFoundError):
 def save_tree(path: str, tree) -> None:
     """Saves a pytree of arrays with Orbax (synchronously)."""
     ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.abspath(path), tree)
-    ckptr.wait_until_finished()
+    try:
+        ckptr.save(os.path.abspath(path), tree)
+        ckptr.wait_until_finished()
+    except BaseException:
+        with contextlib.suppress(Exception):  # a failed save: let its writer threads end before cleanup
+            ckptr.close()
+        raise
+    ckptr.close()
 
 
 def load_tree(path: str, *, dtype=None, sharding=None):
@@ -87,29 +91,6 @@ def read_manifest(ckpt_dir: str) -> dict:
             "convert the released weights with tools/convert_torch_weights.py")
     with open(path) as f:
         return json.load(f)
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str, overwrite: bool = False):
-    """Yields a temporary directory that becomes ``out_dir`` only if the block succeeds."""
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not overwrite:
-        raise FileExistsError(f"output directory exists: {out_dir} (pass --overwrite to replace it)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.partial-", dir=parent)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "x"))
-    os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ config files

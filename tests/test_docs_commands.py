@@ -131,7 +131,6 @@ NEEDS_7B = {
     "python train.py --config configs/lavit_7b.py --config.train.data_dir=/data/images "
     "--config.train.init_from=ckpt/lavit7b --config.mesh_shape='(-1,1,1)'",
     "python eval.py --config configs/lavit_7b.py --checkpoint out/tokenizer_stage1 --data_dir /data/val",
-    "python -m lavit_jax caption IMAGE --checkpoint CONVERTED_DIR --config configs/lavit_7b.py",
     "python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images "
     "--config.train.init_from=CONVERTED_DIR",
     "python train.py --config configs/lavit_7b.py:lm --config.train.data_dir=/data/pairs.jsonl "
@@ -140,6 +139,8 @@ NEEDS_7B = {
     "[--config configs/lavit_7b.py] [--overwrite] [--verify]",
     "python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images "
     "--config.train.init_from=/ckpt/LaVIT-7B-v2-converted --config.mesh_shape='(-1,1,1)'",
+    "python train.py --config configs/lavit_7b.py:detokenizer --config.train.data_dir=/data/images "
+    "--config.train.init_from=CONVERTED_DIR",
 }
 
 

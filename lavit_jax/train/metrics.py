@@ -3,7 +3,9 @@
 ``MetricsWriter(workdir, total_steps)`` appends one JSON object per logged step to
 ``WORKDIR/metrics.jsonl`` (``step``, ``loss`` and every other scalar; NaN/Inf are written as
 ``null``), the same scalars to TensorBoard (``WORKDIR/tensorboard/``, tensorboardX) and one line
-to the console. Only process 0 writes.
+to the console: a progress bar (tqdm: steps, loss, steps/s, examples or tokens/s, MFU) when the
+console is a terminal, one plain line per logged step otherwise (log files of pod jobs). Only
+process 0 writes.
 
 ``mfu(flops_per_step, steps_per_s, n_devices, peak)``: model FLOPs utilisation from the 6N +
 attention formula (``Task.flops_per_step``) against the devices' peak (``peak_flops_per_device``:
@@ -18,6 +20,7 @@ import os
 import sys
 
 import jax
+from tqdm import tqdm
 
 # Dense bf16 peak FLOP/s per chip by ``device.device_kind`` prefix (vendor data sheets).
 PEAK_FLOPS = {
@@ -71,8 +74,12 @@ class MetricsWriter:
         self.active = jax.process_index() == 0
         self.tb = None
         self.file = None
+        self.bar = None
         if not self.active:
             return
+        if getattr(self.stream, "isatty", lambda: False)():
+            self.bar = tqdm(total=total_steps, file=self.stream, dynamic_ncols=True,
+                            bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}] {postfix}")
         os.makedirs(workdir, exist_ok=True)
         self.file = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:
@@ -95,7 +102,13 @@ class MetricsWriter:
                 if k != "step" and v is not None:
                     self.tb.add_scalar(k, v, step)
             self.tb.flush()
-        print(self.console_line(record), file=self.stream, flush=True)
+        if self.bar is not None:
+            if self.bar.n == 0 and step > 1:
+                self.bar.reset(total=self.total)  # a resumed run: the bar starts at the restored step
+            self.bar.n = int(step)
+            self.bar.set_postfix_str(self.console_line(record).split(" | ", 1)[-1], refresh=True)
+        else:
+            print(self.console_line(record), file=self.stream, flush=True)
         return record
 
     def console_line(self, r: dict) -> str:
@@ -116,6 +129,8 @@ class MetricsWriter:
         return " | ".join(parts)
 
     def close(self):
+        if self.bar is not None:
+            self.bar.close()
         if self.file is not None:
             self.file.close()
         if self.tb is not None:
