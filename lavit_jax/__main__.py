@@ -277,7 +277,10 @@ def run(args) -> None:
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
     progress = not args.no_progress
     if args.command == "caption":
-        print(model.caption(args.image, progress=progress, **_given(args, "keep", "seed")))
+        text = model.caption(args.image, progress=progress, **_given(args, "keep", "seed"))
+        print(text)
+        if getattr(text, "note", ""):
+            print(f"warning: {'empty caption: ' if not text else ''}{text.note}", file=sys.stderr)
         return
     if args.command == "vqa":
         print(model.vqa(args.image, args.question, progress=progress, **_given(args, "keep", "seed")))

@@ -50,6 +50,22 @@ def test_tokenizer_matches_sentencepiece(tok):
     assert ours.decode_batch([sp.encode("a sculpture of a duck")])[0] == "a sculpture of a duck"
 
 
+def test_decoding_counts_ids_without_text_and_empty_captions_say_why(tok, caplog):
+    ours, sp = tok
+    ids = [*sp.encode("a horse"), 5000, 31999]  # 400 pieces: the last two ids have no text
+    texts, dropped = ours.decode_batch([ids, sp.encode("a dog")], with_dropped=True)
+    assert texts == ["a horse", "a dog"] and dropped == [2, 0]
+    with caplog.at_level("WARNING"):
+        assert ours.decode_batch([ids]) == ["a horse"]
+    assert "left out 2 generated ids" in caplog.text
+    eos = ours.eos_id
+    assert "EOS" in llm_tasks._empty_caption_note("", [eos], 0, ours)
+    assert "have no text" in llm_tasks._empty_caption_note("", [5000, 6000], 2, ours)
+    assert "'.'" in llm_tasks._empty_caption_note(". a horse", sp.encode(". a horse"), 0, ours)
+    assert llm_tasks._empty_caption_note("a horse. a dog", sp.encode("a horse. a dog"), 0, ours) == ""
+    assert llm_tasks._empty_caption_note("a horse", ids, 2, ours).startswith("left out: 2 of the")
+
+
 def _reference_understanding(hf, feats, lengths, text_ids=None, text_mask=None):
     """The reference's compute_dynamic_visual_embeds + pad_input_embeds, in torch."""
     emb = hf.get_input_embeddings()
@@ -103,6 +119,7 @@ def test_caption_matches_reference_pipeline(tiny, tok):
     ref = [t.strip().split(".")[0] for t in tokenizer.hf.batch_decode(out, skip_special_tokens=True)]
     assert any(ref), "captions should contain text"
     assert ours == ref
+    assert all(c.note == "" for c in ours if c)  # a non-empty caption of text ids carries no note
 
 
 @pytest.mark.parity

@@ -8,12 +8,15 @@ and a mask as LaVIT feeds them (no BOS/EOS added, padding with the pad id = eos 
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 
 import numpy as np
 from transformers import LlamaTokenizer
+
+log = logging.getLogger(__name__)
 
 
 class TextTokenizer:
@@ -48,15 +51,27 @@ class TextTokenizer:
         mask = np.asarray(enc["attention_mask"], np.int32).reshape(len(texts), length)
         return ids, mask
 
-    def decode_batch(self, tokens, lengths=None) -> list[str]:
-        """Strings from generated ids [N, M] (first ``lengths[i]`` of row i), skipping special/non-text ids."""
-        tokens = np.asarray(tokens)
-        out = []
+    def decode_batch(self, tokens, lengths=None, *, with_dropped: bool = False):
+        """Strings from generated ids [N, M] (first ``lengths[i]`` of row i), skipping special ids.
+
+        Ids the sentencepiece model has no piece for (``>= vocab_size``: a tokenizer smaller than the
+        LLM's text vocabulary, or non-text ids) cannot become text; they are left out and counted, never
+        silently: with ``with_dropped`` the result is (strings, dropped count per row), otherwise a
+        warning names the count.
+        """
+        out, dropped = [], []
         for i, row in enumerate(tokens):
             if lengths is not None:
                 row = row[: int(lengths[i])]
-            row = [int(t) for t in row if 0 <= int(t) < self.vocab_size]
-            out.append(self.hf.decode(row, skip_special_tokens=True))
+            ids = [int(t) for t in row]
+            kept = [t for t in ids if 0 <= t < self.vocab_size]
+            dropped.append(len(ids) - len(kept))
+            out.append(self.hf.decode(kept, skip_special_tokens=True))
+        if with_dropped:
+            return out, dropped
+        if any(dropped):
+            log.warning("decoding left out %d generated ids that the text tokenizer (%d pieces) has no text for",
+                        sum(dropped), self.vocab_size)
         return out
 
 

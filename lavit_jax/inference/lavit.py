@@ -138,8 +138,16 @@ class LaVIT:
     @property
     def language_model(self):
         """(LlamaForCausalLM, params, TextTokenizer)."""
-        return self._cached("llm", lambda: checkpoint.load_language_model(
-            self.ckpt_dir, dtype=self.dtype, attention_impl=self.attention_impl))
+        return self._cached("llm", self._load_language_model)
+
+    def _load_language_model(self):
+        model, params, tok = checkpoint.load_language_model(self.ckpt_dir, dtype=self.dtype,
+                                                            attention_impl=self.attention_impl)
+        if tok.vocab_size < vocab.TEXT_VOCAB:
+            print(f"warning: the text tokenizer of {self.ckpt_dir} has {tok.vocab_size} pieces, fewer than the "
+                  f"LLM's {vocab.TEXT_VOCAB} text ids: generated ids {tok.vocab_size}..{vocab.TEXT_VOCAB - 1} "
+                  "have no text and are left out of captions and answers", file=sys.stderr)
+        return model, params, tok
 
     def available_decoders(self) -> list[str]:
         return checkpoint.available_decoders(self.ckpt_dir)

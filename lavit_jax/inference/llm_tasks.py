@@ -144,8 +144,37 @@ def caption(
         pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
     )
     out = generate(model, params, embeds, mask, cfg)
-    texts = tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))
-    return [t.strip().split(".")[0] for t in texts]
+    tokens, n = np.asarray(out.tokens), np.asarray(out.lengths)
+    texts, dropped = tokenizer.decode_batch(tokens, n, with_dropped=True)
+    return [Caption(t.strip().split(".")[0], _empty_caption_note(t, row[:k], d, tokenizer))
+            for t, row, k, d in zip(texts, tokens, n, dropped, strict=True)]
+
+
+class Caption(str):
+    """A caption (a ``str``); ``note`` says why it is empty ('' when it is not), or which generated ids had
+    no text (a text tokenizer smaller than the LLM's text vocabulary)."""
+
+    note: str
+
+    def __new__(cls, text: str, note: str = ""):
+        out = super().__new__(cls, text)
+        out.note = note
+        return out
+
+
+def _empty_caption_note(text: str, ids, dropped: int, tokenizer) -> str:
+    ids = [int(i) for i in ids]
+    if dropped:
+        why = (f"{dropped} of the {len(ids)} generated ids have no text in the text tokenizer "
+               f"({tokenizer.vocab_size} pieces, fewer than the LLM's {TEXT_VOCAB} text ids)")
+        return why if not text.strip().split(".")[0] else f"left out: {why}"
+    if text.strip().split(".")[0]:
+        return ""
+    if not ids or ids[0] == tokenizer.eos_id:
+        return "the model ended the caption at once (its first generated token is EOS)"
+    if not text.strip():
+        return "the generated ids are all special tokens"
+    return "the generated text starts with '.' (the release keeps the text before the first '.')"
 
 
 class Answer(str):
