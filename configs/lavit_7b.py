@@ -76,6 +76,17 @@ def common_train_config(stage: str) -> ml_collections.ConfigDict:
     """train.* keys every stage reads (train.py; lavit_jax/train/trainer.py)."""
     c = ml_collections.ConfigDict()
     c.stage = stage
+    # The data source, one spec string for every stage (lavit_jax/data/input_pipeline.py):
+    #   synthetic:N                     deterministic random images (and id patterns in stage 2), smoke runs
+    #   /data/images                    an image folder, searched recursively (image stages)
+    #   /data/pairs.jsonl               {"image": PATH, "text": STR} per line (image optional)
+    #   tar:/data/shards-{000..099}.tar webdataset tar shards (also a glob or a folder): KEY.jpg|png|... and an
+    #                                   optional KEY.txt or KEY.json ({"text"|"caption": STR}) caption
+    #   arrayrecord:/data/train-*.array_record  msgpack records {"image": JPEG/PNG bytes, "text": STR}
+    #                                   (input_pipeline.write_array_record writes them)
+    #   tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR]   a TFDS dataset built in ArrayRecord format (needs
+    #                                   pip install tensorflow-datasets)
+    # Corrupt images / records are logged with their source, counted (metric skipped_images) and skipped.
     c.data_dir = ""
     c.batch_size = 256  # global, over all processes; divisible by the data-parallel size (data x fsdp)
     c.grad_accum_steps = 1  # microbatches per step (batch_size / grad_accum_steps per forward)
@@ -94,7 +105,7 @@ def common_train_config(stage: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every = 50
     c.seed = 0
-    c.data_workers = 0  # Grain worker processes decoding data (0: in the main process)
+    c.data_workers = 0  # Grain worker processes decoding data with prefetch (0: threads in the main process)
     c.tensorboard = True  # event files in WORKDIR/tensorboard
     c.peak_tflops_per_device = 0.0  # for MFU; 0: by device kind (unknown on CPU)
     return c
@@ -108,7 +119,7 @@ def train_config(stage: str = "tokenizer") -> ml_collections.ConfigDict:
     if stage == "tokenizer":
         # Paper: 50K steps on ~100M LAION images, batch 2048, target keep ratio rho = 1/3.
         c.workdir = "out/tokenizer_stage1"
-        c.data_dir = ""  # a folder of images (searched recursively) or "synthetic:N"
+        c.data_dir = ""  # images: a folder, tar:..., arrayrecord:..., tfds:..., JSONL or "synthetic:N"
         c.batch_size = 2048
         c.steps = 50_000
         c.target_keep_ratio = 1 / 3
@@ -124,7 +135,7 @@ def train_config(stage: str = "tokenizer") -> ml_collections.ConfigDict:
     elif stage == "lm":
         # Our defaults (not from the paper): LLaMA-2-7B fine-tuned on the unified token sequences.
         c.workdir = "out/lm_stage2"
-        c.data_dir = ""  # a JSONL file ({"image": PATH, "text": STR} per line) or "synthetic:N"
+        c.data_dir = ""  # image+text: a JSONL file, tar:... with captions, arrayrecord:..., tfds:... or "synthetic:N"
         c.batch_size = 256  # packed rows of seq_len tokens
         c.seq_len = 2048
         c.examples_per_batch = 1024  # examples drawn per step, packed into batch_size rows
@@ -143,7 +154,7 @@ def train_config(stage: str = "tokenizer") -> ml_collections.ConfigDict:
     elif stage == "detokenizer":
         # Our defaults (not from the paper): SD-1.5 UNet fine-tuning on the token decoder's condition.
         c.workdir = "out/detokenizer"
-        c.data_dir = ""  # a folder of images or "synthetic:N"
+        c.data_dir = ""  # images: a folder, tar:..., arrayrecord:..., tfds:..., JSONL or "synthetic:N"
         c.batch_size = 256
         c.lr = 1e-5
         c.warmup_steps = 1000
