@@ -1,7 +1,8 @@
 """LaVIT from the command line, on a checkpoint converted by tools/convert_torch_weights.py.
 
-    python -m lavit_jax caption IMAGE --checkpoint DIR [--keep argmax|sample] [--seed S]
-    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S]
+    python -m lavit_jax caption IMAGE --checkpoint DIR [--keep argmax|sample] [--seed S] [--num-captions N]
+                                [--sample] [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R]
+    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S] [--sample]
     python -m lavit_jax text2image PROMPT --out FILE.png [--decoder lowres|highres] [--steps N] [--guidance G]
                                    [--llm-guidance G] [--seed S] [--size PX] --checkpoint DIR
     python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] [--keep argmax|sample] --checkpoint DIR
@@ -81,6 +82,13 @@ def _top_p(text):
     return value
 
 
+def _positive_float(text):
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return value
+
+
 def _dtype(text):
     if text.lower() not in DTYPES:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of float32, bfloat16, float16 (or f32, bf16, f16)")
@@ -132,15 +140,31 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-new-tokens", type=positive, default=None,
                         help="(default: from the checkpoint, the visual tokens an image can have)")
 
+    def understanding(sp, task):
+        sp.add_argument("--sample", action="store_true",
+                        help=f"sample instead of beam search ({task.num_beams} beams); seeded by --seed")
+        sp.add_argument("--temperature", type=_positive_float, default=None,
+                        help=f"sampling temperature, with --sample (default {task.temperature})")
+        sp.add_argument("--top-p", type=_top_p, default=None, help=f"with --sample (default {task.top_p})")
+        sp.add_argument("--top-k", type=_int(0, "must be >= 0 (0 disables top-k)"), default=None,
+                        help=f"with --sample (default {task.top_k})")
+        sp.add_argument("--repetition-penalty", type=_positive_float, default=None,
+                        help="penalty on ids already generated, HF semantics; 1 disables it "
+                             f"(default {task.repetition_penalty})")
+
     sp = sub.add_parser("caption", help="caption an image")
     sp.add_argument("image")
     common(sp)
     keep(sp)
+    understanding(sp, defaults.CAPTION)
+    sp.add_argument("--num-captions", type=positive, default=None,
+                    help="captions to print, one a line (default 1; beam search uses max(2, N) beams)")
     sp = sub.add_parser("vqa", help="answer a question about an image")
     sp.add_argument("image")
     sp.add_argument("question")
     common(sp)
     keep(sp)
+    understanding(sp, defaults.VQA)
     sp = sub.add_parser("text2image", help="generate an image from a text prompt")
     sp.add_argument("prompt")
     common(sp)
@@ -218,6 +242,10 @@ def _check_inputs(args) -> None:
         value = getattr(args, field, None)
         if value is not None and not value.strip():
             raise ValueError(f"empty {field}")
+    if args.command in ("caption", "vqa") and not args.sample:
+        for flag in ("temperature", "top_p", "top_k"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} only applies with --sample")
     if not args.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
     if not os.path.isdir(args.checkpoint):
@@ -276,11 +304,18 @@ def run(args) -> None:
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
     progress = not args.no_progress
+    if args.command in ("caption", "vqa"):
+        kw = _given(args, "keep", "seed", "temperature", "top_p", "top_k", "repetition_penalty")
+        if args.sample:
+            kw["do_sample"] = True
     if args.command == "caption":
-        print(model.caption(args.image, progress=progress, **_given(args, "keep", "seed")))
+        if args.num_captions is not None:
+            kw["num_captions"] = args.num_captions
+        out = model.caption(args.image, progress=progress, **kw)
+        print("\n".join(out) if isinstance(out, list) else out)
         return
     if args.command == "vqa":
-        print(model.vqa(args.image, args.question, progress=progress, **_given(args, "keep", "seed")))
+        print(model.vqa(args.image, args.question, progress=progress, **kw))
         return
     kw = dict(return_ids=True, progress=progress, **_given(args, "decoder", "steps", "guidance", "seed", "size"))
     if args.command in ("text2image", "edit"):

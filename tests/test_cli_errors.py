@@ -122,7 +122,7 @@ class Recorder:
 
     def caption(self, image, **kw):
         self.calls.append(("caption", kw))
-        return "a caption"
+        return ["a caption"] * kw["num_captions"] if "num_captions" in kw else "a caption"
 
     def vqa(self, image, question, **kw):
         self.calls.append(("vqa", kw))
@@ -187,6 +187,14 @@ def _bad_argument_cases(env, tmp_path):
         (rec + ["--ids-out", existing.with_suffix(".npy")], "--ids-out"),  # exists, no --overwrite
         (rec + ["--ids-out", tmp_path / "ids.txt"], ".npy"),
         (["caption", img, "--keep", "maybe", *ck], "--keep"),
+        (["caption", img, "--sample", "--temperature", "0", *ck], "--temperature"),
+        (["caption", img, "--temperature", "0.7", *ck], "--temperature"),  # needs --sample
+        (["vqa", img, "what?", "--top-p", "0.5", *ck], "--top-p"),  # needs --sample
+        (["caption", img, "--sample", "--top-p", "1.5", *ck], "--top-p"),
+        (["vqa", img, "what?", "--sample", "--top-k", "-1", *ck], "--top-k"),
+        (["caption", img, "--repetition-penalty", "0", *ck], "--repetition-penalty"),
+        (["caption", img, "--repetition-penalty", "inf", *ck], "--repetition-penalty"),
+        (["caption", img, "--num-captions", "0", *ck], "--num-captions"),
     ]
 
 
@@ -261,6 +269,18 @@ def test_keep_and_seed_are_passed_to_the_api(env, tmp_path, capsys, recorder):
         assert recorder.calls[-1] == (task, {**recorder.calls[-1][1], "keep": "sample", "seed": 3})
     rc, out, err = run_cli(capsys, "caption", img, "--dtype", "bf16", *ck)
     assert rc == 0 and recorder.loads[-1]["dtype"] == "bfloat16"
+
+
+def test_caption_and_vqa_sampling_options_reach_the_api(env, capsys, recorder):
+    img, ck = env["img"], ["--checkpoint", env["ckpt"]]
+    rc, out, err = run_cli(capsys, "caption", img, "--sample", "--temperature", "0.7", "--top-p", "0.8", "--top-k",
+                           "5", "--repetition-penalty", "1.2", "--num-captions", "3", *ck)
+    assert rc == 0, err
+    assert out.splitlines() == ["a caption"] * 3  # one caption a line
+    assert recorder.calls[-1] == ("caption", dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=5,
+                                                  repetition_penalty=1.2, num_captions=3, progress=True))
+    rc, out, err = run_cli(capsys, "vqa", img, "what is it?", "--repetition-penalty", "1.5", *ck)
+    assert rc == 0 and recorder.calls[-1] == ("vqa", dict(repetition_penalty=1.5, progress=True))
 
 
 def test_out_of_memory_is_one_line_naming_the_size(env, tmp_path, capsys, monkeypatch, recorder):

@@ -170,50 +170,83 @@ class LaVIT:
     def _features(self, images, keep, seed):
         return self.understanding_tokenizer.understanding_features(images, mode=keep, seed=seed)
 
-    def caption(self, images, *, num_beams: int = defaults.CAPTION.num_beams,
+    @staticmethod
+    def _understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams, seed) -> dict:
+        """Checked sampling options for ``llm_tasks.caption`` / ``vqa`` (None = the task default)."""
+        if do_sample and num_beams not in (None, 1):
+            raise ValueError(f"num_beams={num_beams} with do_sample: beam sampling is not supported; use num_beams=1")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
+        if repetition_penalty is not None and not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 disables it)")
+        return dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, num_beams=num_beams,
+                    rng=jax.random.key(seed) if do_sample else None)
+
+    def caption(self, images, *, num_beams: int | None = None,
                 max_new_tokens: int = defaults.CAPTION.max_new_tokens,
                 min_new_tokens: int = defaults.CAPTION.min_new_tokens, prompt: str | None = None,
+                num_captions: int = 1, do_sample: bool = False, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                 keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
         """Image(s) (path / PIL / array, or a list) -> caption str (or list of str).
 
-        ``keep``: the token selector's decisions, 'sample' (the release's hard Gumbel sample, drawn from
-        ``seed``) or 'argmax' (deterministic).
+        Beam search by default (``num_beams`` None: max(2, num_captions)); ``do_sample`` samples instead
+        (one beam; ``top_p``/``top_k``/``temperature`` default to ``defaults.CAPTION``'s, drawn from ``seed``).
+        ``repetition_penalty`` (HF semantics, on the generated ids) works with both. ``num_captions`` > 1:
+        a list of that many captions per image (best beam first). ``keep``: the token selector's decisions,
+        'sample' (the release's hard Gumbel sample, drawn from ``seed``) or 'argmax' (deterministic).
         """
         imgs, single = _as_list(images)
+        if num_captions < 1:
+            raise ValueError(f"num_captions={num_captions} must be >= 1")
+        if num_beams is not None and not do_sample and num_captions > num_beams:
+            raise ValueError(f"num_captions={num_captions} > num_beams={num_beams}: beam search returns at most "
+                             "num_beams captions")
+        sampling = self._understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams,
+                                                seed)
         self.require("visual_tokenizer", "caption")
         self.require("language_model", "caption")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
         feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
-        out = llm_tasks.caption(model, params, tok, feats, lengths, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, prompt=prompt)
+        out = llm_tasks.caption(model, params, tok, feats, lengths, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, prompt=prompt, num_captions=num_captions, **sampling)
         stages.done(1)
         return out[0] if single else out
 
-    def vqa(self, images, questions, *, num_beams: int = defaults.VQA.num_beams,
+    def vqa(self, images, questions, *, num_beams: int | None = None,
             max_new_tokens: int = defaults.VQA.max_new_tokens, min_new_tokens: int = defaults.VQA.min_new_tokens,
+            do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+            top_k: int | None = None, repetition_penalty: float | None = None,
             apply_lemmatizer: bool = True, keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
         """Image(s) + question(s) -> answer (or list). One question per image.
 
         Answers are ``llm_tasks.Answer`` strings: lower-cased, nouns and verbs lemmatised with spaCy's
         ``en_core_web_sm`` as the release does when that model is installed; ``answer.answer_processing``
-        says which ('lemmatized' or 'lowercase-only'). ``keep``/``seed`` as for ``caption``.
+        says which ('lemmatized' or 'lowercase-only'). Beam search (5 beams) by default; ``do_sample``,
+        ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``keep``, ``seed`` as for ``caption``.
         """
         imgs, single = _as_list(images)
         qs, _ = _as_list(questions)
         _check_text(qs, "question")
         if len(qs) != len(imgs):
             raise ValueError(f"{len(imgs)} images but {len(qs)} questions")
+        sampling = self._understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams,
+                                                seed)
         self.require("visual_tokenizer", "vqa")
         self.require("language_model", "vqa")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
         feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
-        res = llm_tasks.vqa(model, params, tok, feats, lengths, qs, num_beams=num_beams,
-                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                            apply_lemmatizer=apply_lemmatizer)
+        res = llm_tasks.vqa(model, params, tok, feats, lengths, qs, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, apply_lemmatizer=apply_lemmatizer, **sampling)
         stages.done(1)
         return res.answers[0] if single else res.answers
 

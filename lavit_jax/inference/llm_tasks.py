@@ -126,26 +126,56 @@ def image_codes_from_ids(tokens):
 # ------------------------------------------------------------------------------------ understanding
 
 
+def understanding_config(
+    task: defaults.UnderstandingDefaults, tokenizer, vocab_size: int, *, num_beams=None, max_new_tokens=None,
+    min_new_tokens=None, length_penalty=None, num_return_sequences=1, do_sample=False, temperature=None,
+    top_p=None, top_k=None, repetition_penalty=None, early_stopping=False,
+) -> GenerationConfig:
+    """Caption / VQA generation settings: ``task``'s defaults for every None; ids >= 32000 suppressed.
+
+    ``num_beams`` None: 1 when sampling, else max(task.num_beams, num_return_sequences).
+    """
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    if num_beams is None:
+        num_beams = 1 if do_sample else max(task.num_beams, num_return_sequences)
+    return GenerationConfig(
+        max_new_tokens=pick(max_new_tokens, task.max_new_tokens),
+        min_new_tokens=pick(min_new_tokens, task.min_new_tokens),
+        num_beams=num_beams, length_penalty=pick(length_penalty, task.length_penalty), early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=pick(temperature, task.temperature),
+        top_p=pick(top_p, task.top_p), top_k=pick(top_k, task.top_k),
+        repetition_penalty=pick(repetition_penalty, task.repetition_penalty), eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(vocab_size)),),
+    )
+
+
 def caption(
-    model, params, tokenizer, feats, lengths, *, num_beams=defaults.CAPTION.num_beams,
-    max_new_tokens=defaults.CAPTION.max_new_tokens, min_new_tokens=defaults.CAPTION.min_new_tokens,
-    length_penalty=defaults.CAPTION.length_penalty, num_captions=1, prompt=None,
-) -> list[str]:
-    """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``)."""
+    model, params, tokenizer, feats, lengths, *, num_beams=None, max_new_tokens=defaults.CAPTION.max_new_tokens,
+    min_new_tokens=defaults.CAPTION.min_new_tokens, length_penalty=defaults.CAPTION.length_penalty, num_captions=1,
+    prompt=None, do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=None, rng=None,
+) -> list:
+    """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``).
+
+    Beam search by default (``num_beams`` None: max(2, num_captions)); ``do_sample`` samples (needs ``rng``;
+    top-p / top-k / temperature default to ``defaults.CAPTION``). Returns B strings, or with
+    ``num_captions`` > 1 B lists of ``num_captions`` strings (best beam first).
+    """
     b = feats.shape[0]
     text_ids = text_mask = None
     if prompt:
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
         text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, prompts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        length_penalty=length_penalty, num_return_sequences=num_captions, eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    cfg = understanding_config(
+        defaults.CAPTION, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, length_penalty=length_penalty, num_return_sequences=num_captions,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg)
-    texts = tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))
-    return [t.strip().split(".")[0] for t in texts]
+    out = generate(model, params, embeds, mask, cfg, rng=rng)
+    texts = [t.strip().split(".")[0] for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
+    if num_captions == 1:
+        return texts
+    return [texts[i * num_captions:(i + 1) * num_captions] for i in range(b)]
 
 
 class Answer(str):
@@ -199,11 +229,14 @@ def lemmatize(answers, nlp):
 
 
 def vqa(
-    model, params, tokenizer, feats, lengths, questions, *, prompt=defaults.VQA.prompt,
-    num_beams=defaults.VQA.num_beams, max_new_tokens=defaults.VQA.max_new_tokens,
-    min_new_tokens=defaults.VQA.min_new_tokens, length_penalty=defaults.VQA.length_penalty, apply_lemmatizer=True,
+    model, params, tokenizer, feats, lengths, questions, *, prompt=defaults.VQA.prompt, num_beams=None,
+    max_new_tokens=defaults.VQA.max_new_tokens, min_new_tokens=defaults.VQA.min_new_tokens,
+    length_penalty=defaults.VQA.length_penalty, apply_lemmatizer=True, do_sample=False, temperature=None, top_p=None,
+    top_k=None, repetition_penalty=None, rng=None,
 ) -> VqaAnswers:
     """Answers ``questions`` (list of str) about feats [B, N, C] + lengths [B] (reference ``predict_answers``).
+
+    Beam search (5 beams) by default; ``do_sample`` samples instead (needs ``rng``), as for ``caption``.
 
     Lemmatisation uses spaCy's ``en_core_web_sm`` only when installed; ``note`` says when it was skipped.
     """
@@ -212,12 +245,12 @@ def vqa(
     texts = [prompt.format(q) for q in questions] if prompt else list(questions)
     text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, texts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        length_penalty=length_penalty, early_stopping=True, eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    cfg = understanding_config(
+        defaults.VQA, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=True, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg)
+    out = generate(model, params, embeds, mask, cfg, rng=rng)
     answers = [postprocess_answer(t) for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
     if not apply_lemmatizer:
         return VqaAnswers([Answer(a, "none") for a in answers], False, "post-processing off")
