@@ -336,3 +336,38 @@ def multimodal_to_image_ids(
     text_ids, text_mask = encode_texts(tokenizer, texts)
     ids, mask = image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
     return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
+
+
+def token_prompt_ids(rows):
+    """Token prompts -> (ids [B, T], mask [B, T]) int32: each row's parts concatenated, then [IMG].
+
+    rows: B lists of 1-D id sequences (visual ids already +32002, text ids without BOS), in prompt
+    order, as the release's ``multimodal_synthesis`` concatenates them. Left-padded with 2 (mask 0) to
+    ``length_bucket`` of the longest row, so prompt lengths share compiled programs.
+    """
+    seqs = [np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in row] + [np.array([IMG_START])])
+            for row in rows]
+    width = length_bucket(max(len(s) for s in seqs))
+    ids = np.full((len(seqs), width), PAD_ID, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def token_prompt_cap(rows) -> int:
+    """The release's new-token limit for token prompts: the longest row's token count ([IMG] not counted).
+
+    The same rule as ``multimodal_token_cap``, for prompts of any number of image and text parts.
+    """
+    return int(max(sum(len(np.asarray(p).reshape(-1)) for p in row) for row in rows))
+
+
+def token_prompt_to_image_ids(
+    model, params, ids, mask, rng, *, config: GenerationConfig | None = None, negative_ids=None, negative_mask=None,
+) -> GenerationOutput:
+    """Samples visual ids after token prompts ids [B, T] + mask [B, T] from ``token_prompt_ids``."""
+    cfg = config or image_generation_config(guidance_scale=defaults.EDIT.llm_guidance)
+    return _image_ids_generate(model, params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg, negative_ids,
+                               negative_mask)
