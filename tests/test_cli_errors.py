@@ -546,35 +546,57 @@ def test_eval_counts_distinct_images_states_keep_mode_and_is_quiet(env, tmp_path
 # ------------------------------------------------------------------------------------------ API on the tiny checkpoint
 
 
-def test_interleaved_prompt_edit_equivalence_and_seeded_draws(env, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_model(env):
+    return LaVIT.from_pretrained(env["ckpt"], compilation_cache=False)
+
+
+def test_interleaved_prompt_is_built_as_the_release_does(env, tmp_path, monkeypatch, tiny_model):
     """generate_image builds [image a ids][text ids][image b ids][IMG] (no BOS, no [IMG]/[/IMG] around images, as
-    the release's multimodal_synthesis), capped to the prompt's token count; edit(img, text) is
-    generate_image([img, text]); num_images=N gives image i as seed + i does."""
+    the release's multimodal_synthesis), capped to the prompt's token count."""
     from lavit_jax.inference import llm_tasks
 
-    model = LaVIT.from_pretrained(env["ckpt"], compilation_cache=False)
+    model = tiny_model
     other = tmp_path / "other.png"
     Image.open(env["img"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
     seen = []
-    real = llm_tasks.token_prompt_to_image_ids
 
-    def spy(m, p, ids, mask, rng, **kw):
+    def spy(m, p, ids, mask, rng, **kw):  # records the prompt; generates nothing
         seen.append((np.asarray(ids), np.asarray(mask), kw["config"]))
-        return real(m, p, ids, mask, rng, **kw)
+        return llm_tasks.GenerationOutput(np.full((1, 4), 32005, np.int32), np.array([4]), np.zeros(1))
 
     monkeypatch.setattr(llm_tasks, "token_prompt_to_image_ids", spy)
-    kw = dict(steps=1, seed=0, return_ids=True, cap_to_prompt=False, min_new_tokens=2, max_new_tokens=8)
-    model.generate_image_ids([str(env["img"]), "in the style of", other], seed=0)  # (the random LLM never stops)
+    ids, lengths = model.generate_image_ids([str(env["img"]), "in the style of", other], seed=0)
+    assert lengths.tolist() == [4] and ids[0, :4].tolist() == [32005] * 4
     vis, n = (np.asarray(a) for a in model.visual_tokenizer.tokenize([str(env["img"]), other], mode="sample", seed=0))
     tok = model.language_model[2]
     expected = vis[0, : n[0]].tolist() + tok.encode("in the style of") + vis[1, : n[1]].tolist() + [32000]
     ids, mask, cfg = seen[-1]
     assert ids[0][mask[0] == 1].tolist() == expected and mask[0, -len(expected):].all()
-    assert cfg.max_new_tokens == len(expected) - 1  # the release's cap: the prompt's token count
+    cap = (model.visual_tokenizer.config.image_size // model.visual_tokenizer.config.patch_size) ** 2
+    assert cfg.max_new_tokens == min(len(expected) - 1, cap)  # the release's cap: the prompt's token count
+    assert len(expected) - 1 > cap  # (two images: the cap is an image's token count)
+    model.generate_image_ids([other, "a duck"], seed=0)
+    assert seen[-1][2].max_new_tokens == seen[-1][1].sum() - 1 < cap
 
+
+def test_edit_is_generate_image_and_draws_are_seeded(env, monkeypatch, tiny_model):
+    """edit(img, text) is generate_image([img, text]); num_images=N gives image i as seed + i does."""
+    from lavit_jax.inference import llm_tasks
+
+    model = tiny_model
+    seen = []
+    real = llm_tasks.token_prompt_to_image_ids
+
+    def spy(m, p, ids, mask, rng, **kw):
+        seen.append(np.asarray(ids))
+        return real(m, p, ids, mask, rng, **kw)
+
+    monkeypatch.setattr(llm_tasks, "token_prompt_to_image_ids", spy)
+    kw = dict(steps=1, seed=0, return_ids=True, cap_to_prompt=False, min_new_tokens=2, max_new_tokens=8)
     e_img, e_ids = model.edit(str(env["img"]), "in the snow", **kw)
     g_img, g_ids = model.generate_image([str(env["img"]), "in the snow"], **kw)
-    np.testing.assert_array_equal(seen[-2][0], seen[-1][0])
+    np.testing.assert_array_equal(seen[-2], seen[-1])
     np.testing.assert_array_equal(e_ids[0], g_ids[0])
     np.testing.assert_array_equal(np.asarray(e_img), np.asarray(g_img))
 
@@ -584,6 +606,10 @@ def test_interleaved_prompt_edit_equivalence_and_seeded_draws(env, tmp_path, mon
     np.testing.assert_array_equal(np.asarray(imgs[0]), np.asarray(e_img))
     np.testing.assert_array_equal(np.asarray(imgs[1]), np.asarray(one))
     np.testing.assert_array_equal(runs[1][0], one_ids[0])
+
+
+def test_text2image_draws_are_seeded(tiny_model):
+    model = tiny_model
     t_kw = dict(steps=1, min_new_tokens=2, max_new_tokens=8)
     t_imgs = model.text2image("a duck", num_images=2, seed=3, **t_kw)
     np.testing.assert_array_equal(np.asarray(t_imgs[1]), np.asarray(model.text2image("a duck", seed=4, **t_kw)))

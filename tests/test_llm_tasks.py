@@ -251,3 +251,20 @@ def test_sampled_captions_are_seeded(tiny, tok):
     res = llm_tasks.vqa(model, params, tokenizer, feats, lengths, ["what?", "who?"], do_sample=True,
                         rng=jax.random.key(0), apply_lemmatizer=False)
     assert len(res.answers) == 2
+
+
+def test_token_prompt_ids_concatenate_parts_in_order(tok):
+    """Interleaved prompt (image ids, text ids, image ids) -> the parts in order then [IMG], left-padded with 2."""
+    tokenizer, sp = tok
+    a, b = np.array([32005, 32010, 32003]), np.array([32060, 32061])
+    rows = [[a, tokenizer.encode("in the style of"), b], [tokenizer.encode("a duck"), a]]
+    ids, mask = llm_tasks.token_prompt_ids(rows)
+    expected = [[32005, 32010, 32003] + sp.encode("in the style of") + [32060, 32061, 32000],
+                sp.encode("a duck") + [32005, 32010, 32003, 32000]]
+    assert ids.shape[1] == 16  # a length bucket
+    for i, e in enumerate(expected):
+        assert ids[i][mask[i] == 1].tolist() == e and mask[i, -len(e):].all() and mask[i].sum() == len(e)
+        assert np.all(ids[i][mask[i] == 0] == 2)
+    assert llm_tasks.token_prompt_cap(rows) == max(len(e) for e in expected) - 1
+    assert llm_tasks.token_prompt_cap([[a, tokenizer.encode("a duck")]]) == llm_tasks.multimodal_token_cap(
+        [3], tokenizer, ["a duck"])

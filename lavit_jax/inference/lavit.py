@@ -326,6 +326,9 @@ class LaVIT:
             token_rows.append(parts)
         if cap_to_prompt:
             max_new_tokens = llm_tasks.token_prompt_cap(token_rows)
+            if images:  # never more than an image can have (past that the pixel decoder has no queries)
+                cfg = self.visual_tokenizer.config
+                max_new_tokens = min(max_new_tokens, (cfg.image_size // cfg.patch_size) ** 2)
             min_new_tokens = min(min_new_tokens, max_new_tokens)  # HF stops at the cap before the minimum
         cfg = self._generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
         ids, mask = llm_tasks.token_prompt_ids(token_rows)
@@ -342,7 +345,8 @@ class LaVIT:
         ``cap_to_prompt`` (default, as the release): the release's ``generate_image_tokenids`` replaces
         the new-token limit with the prompt's token count when the prompt is given as tokens (which
         ``multimodal_synthesis`` always does), so at most max(len(image ids) + len(text ids)) new tokens
-        are generated, whatever ``max_new_tokens`` says; ``cap_to_prompt=False`` keeps ``max_new_tokens``.
+        are generated, whatever ``max_new_tokens`` says, and (unlike the release, whose pixel decoder would fail)
+        at most the visual tokens an image can have; ``cap_to_prompt=False`` keeps ``max_new_tokens``.
         Row i is ``generate_image_ids([images[i], prompts[i]])`` of a batch.
         """
         imgs, _ = _as_list(images)
