@@ -1,12 +1,19 @@
 """LaVIT from the command line, on a checkpoint converted by tools/convert_torch_weights.py.
 
-    python -m lavit_jax caption IMAGE --checkpoint DIR [--keep argmax|sample] [--seed S]
-    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S]
+    python -m lavit_jax caption IMAGE --checkpoint DIR [--keep argmax|sample] [--seed S] [--num-captions N]
+                                [--sample] [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R]
+    python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S] [--sample]
     python -m lavit_jax text2image PROMPT --out FILE.png [--decoder lowres|highres] [--steps N] [--guidance G]
                                    [--llm-guidance G] [--seed S] [--size PX] --checkpoint DIR
     python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] [--keep argmax|sample] --checkpoint DIR
+    python -m lavit_jax compose IMAGE PROMPT IMAGE --out FILE.png [same options as edit] --checkpoint DIR
     python -m lavit_jax reconstruct IMAGE --out FILE.png [--decoder] [--steps N] [--seed S] [--keep] --checkpoint DIR
 
+``compose`` takes an interleaved prompt: each argument that names an existing file is an image (it
+must be a readable image), any other is text, in order. ``--num-images N`` (text2image, edit,
+compose) draws N images, image i from seed + i: written as numbered files next to ``--out``
+(``out.png`` -> ``out-1.png`` ... ``out-N.png``), or with ``--tile`` as one grid image at ``--out``
+(ceil(sqrt(N)) columns, left to right then top to bottom); ``--ids-out`` then holds [N, L] ids.
 ``--checkpoint`` defaults to $LAVIT_CHECKPOINT. Every argument is checked before any weights are
 read; unset sizes and token counts follow the checkpoint. ``--out`` never replaces an input image,
 and replaces another existing file only with ``--overwrite`` (written atomically). ``--keep``: the
@@ -81,6 +88,13 @@ def _top_p(text):
     return value
 
 
+def _positive_float(text):
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value}: must be > 0")
+    return value
+
+
 def _dtype(text):
     if text.lower() not in DTYPES:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of float32, bfloat16, float16 (or f32, bf16, f16)")
@@ -120,6 +134,12 @@ def _parser() -> argparse.ArgumentParser:
                         help="image side in pixels, a multiple of the decoder's downsampling factor (default: the "
                              "decoder's native size, from the checkpoint)")
         sp.add_argument("--ids-out", default=None, help="also save the visual ids [B, N] (.npy) here")
+        if task is not defaults.RECONSTRUCT:
+            sp.add_argument("--num-images", type=positive, default=None,
+                            help="images to draw, image i from seed + i (default 1): written as OUT-1.png ... "
+                                 "OUT-N.png, or one grid with --tile")
+            sp.add_argument("--tile", action="store_true",
+                            help="with --num-images: write one grid image (ceil(sqrt(N)) columns) at --out")
 
     def sampling(sp, task):
         sp.add_argument("--llm-guidance", type=_float, default=None,
@@ -132,15 +152,31 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--max-new-tokens", type=positive, default=None,
                         help="(default: from the checkpoint, the visual tokens an image can have)")
 
+    def understanding(sp, task):
+        sp.add_argument("--sample", action="store_true",
+                        help=f"sample instead of beam search ({task.num_beams} beams); seeded by --seed")
+        sp.add_argument("--temperature", type=_positive_float, default=None,
+                        help=f"sampling temperature, with --sample (default {task.temperature})")
+        sp.add_argument("--top-p", type=_top_p, default=None, help=f"with --sample (default {task.top_p})")
+        sp.add_argument("--top-k", type=_int(0, "must be >= 0 (0 disables top-k)"), default=None,
+                        help=f"with --sample (default {task.top_k})")
+        sp.add_argument("--repetition-penalty", type=_positive_float, default=None,
+                        help="penalty on ids already generated, HF semantics; 1 disables it "
+                             f"(default {task.repetition_penalty})")
+
     sp = sub.add_parser("caption", help="caption an image")
     sp.add_argument("image")
     common(sp)
     keep(sp)
+    understanding(sp, defaults.CAPTION)
+    sp.add_argument("--num-captions", type=positive, default=None,
+                    help="captions to print, one a line (default 1; beam search uses max(2, N) beams)")
     sp = sub.add_parser("vqa", help="answer a question about an image")
     sp.add_argument("image")
     sp.add_argument("question")
     common(sp)
     keep(sp)
+    understanding(sp, defaults.VQA)
     sp = sub.add_parser("text2image", help="generate an image from a text prompt")
     sp.add_argument("prompt")
     common(sp)
@@ -149,6 +185,16 @@ def _parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("edit", help="generate an image from an image + text prompt")
     sp.add_argument("image")
     sp.add_argument("prompt")
+    common(sp)
+    image_out(sp, defaults.EDIT)
+    sampling(sp, defaults.EDIT)
+    keep(sp, seed=False)
+    sp = sub.add_parser(
+        "compose", help="generate an image from an interleaved prompt of images and texts",
+        description="Generates an image from an interleaved multimodal prompt, e.g. a.jpg 'in the style of' b.jpg. "
+                    "An argument that names an existing file is an image (it must be a readable image); any other "
+                    "argument is text. Parts are joined in order as the release's multimodal_synthesis does.")
+    sp.add_argument("parts", nargs="+", metavar="PART", help="an image file or a text, in prompt order")
     common(sp)
     image_out(sp, defaults.EDIT)
     sampling(sp, defaults.EDIT)
@@ -210,14 +256,50 @@ def _decoder_factor(ckpt: str, manifest: dict, decoder: str | None) -> tuple[str
     return decoder, 2 ** (len(vae_cfg.block_out_channels) - 1) * 2 ** (len(unet_cfg.block_out_channels) - 1)
 
 
+def _compose_parts(parts) -> tuple[list, list]:
+    """(prompt parts: image paths and texts in order, the image paths) of ``compose``'s arguments."""
+    images = []
+    for part in parts:
+        if os.path.isfile(part):
+            load_image(part)  # an existing file must be a readable image
+            images.append(part)
+        elif not part.strip():
+            raise ValueError("empty text part in the compose prompt")
+    return list(parts), images
+
+
+def output_paths(out: str, num_images: int | None, tile: bool) -> list[str]:
+    """The files a generation command writes: ``out``, or ``out``'s stem + ``-1`` ... ``-N`` for N draws."""
+    if not num_images or num_images == 1 or tile:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i + 1}{ext}" for i in range(num_images)]
+
+
+def tile_images(images) -> Image.Image:
+    """One grid of equal-size images: ceil(sqrt(N)) columns, left to right then top to bottom."""
+    cols = int(np.ceil(np.sqrt(len(images))))
+    rows = -(-len(images) // cols)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
 def _check_inputs(args) -> None:
     """Every check that needs no weights, before any are read."""
     if getattr(args, "image", None) is not None:
         load_image(args.image)
+    compose_images = _compose_parts(args.parts)[1] if args.command == "compose" else []
     for field in ("prompt", "question"):
         value = getattr(args, field, None)
         if value is not None and not value.strip():
             raise ValueError(f"empty {field}")
+    if args.command in ("caption", "vqa") and not args.sample:
+        for flag in ("temperature", "top_p", "top_k"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} only applies with --sample")
     if not args.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
     if not os.path.isdir(args.checkpoint):
@@ -228,8 +310,11 @@ def _check_inputs(args) -> None:
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in IMAGE_EXTENSIONS:
         raise ValueError(f"output file {args.out}: use an image extension ({', '.join(IMAGE_EXTENSIONS)})")
-    inputs = [args.image] if getattr(args, "image", None) else []
-    _check_writable(args.out, "--out", args.overwrite, inputs)
+    inputs = ([args.image] if getattr(args, "image", None) else []) + compose_images
+    if getattr(args, "tile", False) and (args.num_images or 1) == 1:
+        raise ValueError("--tile needs --num-images 2 or more")
+    for path in output_paths(args.out, getattr(args, "num_images", None), getattr(args, "tile", False)):
+        _check_writable(path, "--out", args.overwrite, inputs)
     if args.ids_out:
         if not args.ids_out.endswith(".npy"):
             raise ValueError(f"--ids-out {args.ids_out}: use a .npy file name")
@@ -276,32 +361,55 @@ def run(args) -> None:
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
     progress = not args.no_progress
+    if args.command in ("caption", "vqa"):
+        kw = _given(args, "keep", "seed", "temperature", "top_p", "top_k", "repetition_penalty")
+        if args.sample:
+            kw["do_sample"] = True
     if args.command == "caption":
-        text = model.caption(args.image, progress=progress, **_given(args, "keep", "seed"))
-        print(text)
-        if getattr(text, "note", ""):
-            print(f"warning: {'empty caption: ' if not text else ''}{text.note}", file=sys.stderr)
+        if args.num_captions is not None:
+            kw["num_captions"] = args.num_captions
+        out = model.caption(args.image, progress=progress, **kw)
+        texts = out if isinstance(out, list) else [out]
+        print("\n".join(texts))
+        for text in texts:
+            if getattr(text, "note", ""):
+                print(f"warning: {'empty caption: ' if not text else ''}{text.note}", file=sys.stderr)
         return
     if args.command == "vqa":
-        print(model.vqa(args.image, args.question, progress=progress, **_given(args, "keep", "seed")))
+        print(model.vqa(args.image, args.question, progress=progress, **kw))
         return
     kw = dict(return_ids=True, progress=progress, **_given(args, "decoder", "steps", "guidance", "seed", "size"))
-    if args.command in ("text2image", "edit"):
-        kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens"))
-    if args.command in ("edit", "reconstruct"):
+    if args.command in ("text2image", "edit", "compose"):
+        kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens", "num_images"))
+    if args.command in ("edit", "compose", "reconstruct"):
         kw.update(_given(args, "keep"))
     if args.command == "text2image":
-        image, (ids, lengths) = model.text2image(args.prompt, **kw)
+        images, runs = model.text2image(args.prompt, **kw)
     elif args.command == "edit":
-        image, (ids, lengths) = model.edit(args.image, args.prompt, **kw)
+        images, runs = model.edit(args.image, args.prompt, **kw)
+    elif args.command == "compose":
+        images, runs = model.generate_image(_compose_parts(args.parts)[0], **kw)
     else:
-        image, (ids, lengths) = model.reconstruct(args.image, **kw)
+        images, runs = model.reconstruct(args.image, **kw)
+    if not isinstance(images, list):  # one draw
+        images, runs = [images], [runs]
+    paths = output_paths(args.out, len(images), args.tile) if args.command != "reconstruct" else [args.out]
+    if len(paths) == 1 and len(images) > 1:
+        images = [tile_images(images)]
     fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]
-    _save_atomic(args.out, lambda tmp: image.save(tmp, format=fmt))
+    for path, image in zip(paths, images, strict=True):
+        _save_atomic(path, lambda tmp, image=image: image.save(tmp, format=fmt))
+    counts = [int(np.asarray(lengths)[0]) for _, lengths in runs]
     if args.ids_out:
-        arr = np.asarray(ids)[:, : int(np.max(lengths))]
+        width = max(int(np.max(lengths)) for _, lengths in runs)
+        arr = np.zeros((len(runs), width), np.int32)
+        for i, (ids, lengths) in enumerate(runs):
+            arr[i, : int(np.max(lengths))] = np.asarray(ids)[0, : int(np.max(lengths))]
+        if len(runs) == 1:
+            arr = np.asarray(runs[0][0])[:, : int(np.max(runs[0][1]))]
         _save_atomic(args.ids_out, lambda tmp: np.save(tmp, arr))
-    print(f"wrote {args.out} ({image.size[0]}x{image.size[1]}, {int(lengths[0])} visual tokens)")
+    size = f"{images[0].size[0]}x{images[0].size[1]}"
+    print(f"wrote {', '.join(paths)} ({size}, {', '.join(map(str, counts))} visual tokens)")
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # tqdm's cursor moves between nested bars

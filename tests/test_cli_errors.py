@@ -118,11 +118,16 @@ class Recorder:
 
     def _image(self, task, kw):
         self.calls.append((task, kw))
-        return Image.new("RGB", (16, 16), (200, 30, 30)), (np.full((1, 3), 32005, np.int32), np.array([3]))
+        draw = lambda i: (Image.new("RGB", (16, 16), (200, 30 * i, 30)),  # noqa: E731
+                          (np.full((1, 3 + i), 32005, np.int32), np.array([3 + i])))
+        if kw.get("num_images", 1) == 1:
+            return draw(0)
+        draws = [draw(i) for i in range(kw["num_images"])]
+        return [d[0] for d in draws], [d[1] for d in draws]
 
     def caption(self, image, **kw):
         self.calls.append(("caption", kw))
-        return "a caption"
+        return ["a caption"] * kw["num_captions"] if "num_captions" in kw else "a caption"
 
     def vqa(self, image, question, **kw):
         self.calls.append(("vqa", kw))
@@ -133,6 +138,9 @@ class Recorder:
 
     def edit(self, image, prompt, **kw):
         return self._image("edit", kw)
+
+    def generate_image(self, parts, **kw):
+        return self._image("compose", {**kw, "parts": parts})
 
     def reconstruct(self, image, **kw):
         return self._image("reconstruct", kw)
@@ -164,6 +172,8 @@ def _bad_argument_cases(env, tmp_path):
     Image.new("RGB", (4, 4)).save(existing)
     (tmp_path / "adir.png").mkdir()
     os.symlink(img, tmp_path / "alias.png")
+    (tmp_path / "notimage.png").write_text("not an image")
+    Image.new("RGB", (4, 4)).save(tmp_path / "n-2.png")
     return [
         (rec + ["--steps", "0"], "--steps"),
         (rec + ["--steps", "-3"], "--steps"),
@@ -187,6 +197,22 @@ def _bad_argument_cases(env, tmp_path):
         (rec + ["--ids-out", existing.with_suffix(".npy")], "--ids-out"),  # exists, no --overwrite
         (rec + ["--ids-out", tmp_path / "ids.txt"], ".npy"),
         (["caption", img, "--keep", "maybe", *ck], "--keep"),
+        (["caption", img, "--sample", "--temperature", "0", *ck], "--temperature"),
+        (["caption", img, "--temperature", "0.7", *ck], "--temperature"),  # needs --sample
+        (["vqa", img, "what?", "--top-p", "0.5", *ck], "--top-p"),  # needs --sample
+        (["caption", img, "--sample", "--top-p", "1.5", *ck], "--top-p"),
+        (["vqa", img, "what?", "--sample", "--top-k", "-1", *ck], "--top-k"),
+        (["caption", img, "--repetition-penalty", "0", *ck], "--repetition-penalty"),
+        (["caption", img, "--repetition-penalty", "inf", *ck], "--repetition-penalty"),
+        (["caption", img, "--num-captions", "0", *ck], "--num-captions"),
+        (t2i + ["--num-images", "0"], "--num-images"),
+        (t2i + ["--tile"], "--tile"),
+        (["edit", img, "in the snow", "--out", out, "--num-images", "2", "--tile", "--top-p", "2", *ck], "--top-p"),
+        (["text2image", "a duck", "--out", existing, "--num-images", "2", "--tile", *ck], "--overwrite"),
+        (["text2image", "a duck", "--out", tmp_path / "n.png", "--num-images", "3", *ck], "--overwrite"),  # n-2.png
+        (["compose", img, "  ", "--out", out, *ck], "empty text"),
+        (["compose", img, "in the style of", tmp_path / "notimage.png", "--out", out, *ck], "not a readable image"),
+        (["compose", img, "x", "--out", img, "--overwrite", *ck], "input"),
     ]
 
 
@@ -261,6 +287,45 @@ def test_keep_and_seed_are_passed_to_the_api(env, tmp_path, capsys, recorder):
         assert recorder.calls[-1] == (task, {**recorder.calls[-1][1], "keep": "sample", "seed": 3})
     rc, out, err = run_cli(capsys, "caption", img, "--dtype", "bf16", *ck)
     assert rc == 0 and recorder.loads[-1]["dtype"] == "bfloat16"
+
+
+def test_caption_and_vqa_sampling_options_reach_the_api(env, capsys, recorder):
+    img, ck = env["img"], ["--checkpoint", env["ckpt"]]
+    rc, out, err = run_cli(capsys, "caption", img, "--sample", "--temperature", "0.7", "--top-p", "0.8", "--top-k",
+                           "5", "--repetition-penalty", "1.2", "--num-captions", "3", *ck)
+    assert rc == 0, err
+    assert out.splitlines() == ["a caption"] * 3  # one caption a line
+    assert recorder.calls[-1] == ("caption", dict(do_sample=True, temperature=0.7, top_p=0.8, top_k=5,
+                                                  repetition_penalty=1.2, num_captions=3, progress=True))
+    rc, out, err = run_cli(capsys, "vqa", img, "what is it?", "--repetition-penalty", "1.5", *ck)
+    assert rc == 0 and recorder.calls[-1] == ("vqa", dict(repetition_penalty=1.5, progress=True))
+
+
+def test_num_images_numbered_files_tile_and_compose(env, tmp_path, capsys, recorder):
+    img, ck = env["img"], ["--checkpoint", env["ckpt"]]
+    rc, out, err = run_cli(capsys, "text2image", "a duck", "--out", tmp_path / "d.png", "--num-images", "3",
+                           "--ids-out", tmp_path / "ids.npy", *ck)
+    assert rc == 0, err
+    assert recorder.calls[-1][1]["num_images"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["d-1.png", "d-2.png", "d-3.png", "ids.npy"]
+    assert [Image.open(tmp_path / f"d-{i}.png").getpixel((0, 0))[1] for i in (1, 2, 3)] == [0, 30, 60]
+    ids = np.load(tmp_path / "ids.npy")
+    assert ids.shape == (3, 5) and (ids > 0).sum(1).tolist() == [3, 4, 5]
+    assert "d-1.png, " in out and "3, 4, 5 visual tokens" in out
+    rc, out, err = run_cli(capsys, "edit", img, "in the snow", "--out", tmp_path / "t.png", "--num-images", "3",
+                           "--tile", *ck)
+    assert rc == 0, err
+    assert Image.open(tmp_path / "t.png").size == (32, 32)  # 2 columns, 2 rows
+    assert not (tmp_path / "t-1.png").exists()
+    rc, out, err = run_cli(capsys, "compose", img, "in the style of", img, "with snow", "--out", tmp_path / "c.png",
+                           "--keep", "argmax", *ck)
+    assert rc == 0, err
+    task, kw = recorder.calls[-1]
+    assert task == "compose" and kw["parts"] == [str(img), "in the style of", str(img), "with snow"]
+    assert kw["keep"] == "argmax" and "num_images" not in kw
+    with pytest.raises(SystemExit):
+        run_cli(capsys, "compose", "--help")
+    assert "names an existing file is an image" in " ".join(capsys.readouterr().out.split())
 
 
 def test_out_of_memory_is_one_line_naming_the_size(env, tmp_path, capsys, monkeypatch, recorder):
@@ -476,3 +541,79 @@ def test_eval_counts_distinct_images_states_keep_mode_and_is_quiet(env, tmp_path
     result = json.loads(proc.stdout)
     assert result["images"] == 3 and result["keep_mode"] == "argmax"
     assert "orbax" not in proc.stderr.lower() and not re.search(r"^I\d{4} ", proc.stderr, re.M), proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ API on the tiny checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_model(env):
+    return LaVIT.from_pretrained(env["ckpt"], compilation_cache=False)
+
+
+def test_interleaved_prompt_is_built_as_the_release_does(env, tmp_path, monkeypatch, tiny_model):
+    """generate_image builds [image a ids][text ids][image b ids][IMG] (no BOS, no [IMG]/[/IMG] around images, as
+    the release's multimodal_synthesis), capped to the prompt's token count."""
+    from lavit_jax.inference import llm_tasks
+
+    model = tiny_model
+    other = tmp_path / "other.png"
+    Image.open(env["img"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    seen = []
+
+    def spy(m, p, ids, mask, rng, **kw):  # records the prompt; generates nothing
+        seen.append((np.asarray(ids), np.asarray(mask), kw["config"]))
+        return llm_tasks.GenerationOutput(np.full((1, 4), 32005, np.int32), np.array([4]), np.zeros(1))
+
+    monkeypatch.setattr(llm_tasks, "token_prompt_to_image_ids", spy)
+    ids, lengths = model.generate_image_ids([str(env["img"]), "in the style of", other], seed=0)
+    assert lengths.tolist() == [4] and ids[0, :4].tolist() == [32005] * 4
+    vis, n = (np.asarray(a) for a in model.visual_tokenizer.tokenize([str(env["img"]), other], mode="sample", seed=0))
+    tok = model.language_model[2]
+    expected = vis[0, : n[0]].tolist() + tok.encode("in the style of") + vis[1, : n[1]].tolist() + [32000]
+    ids, mask, cfg = seen[-1]
+    assert ids[0][mask[0] == 1].tolist() == expected and mask[0, -len(expected):].all()
+    cap = (model.visual_tokenizer.config.image_size // model.visual_tokenizer.config.patch_size) ** 2
+    assert cfg.max_new_tokens == min(len(expected) - 1, cap)  # the release's cap: the prompt's token count
+    assert len(expected) - 1 > cap  # (two images: the cap is an image's token count)
+    model.generate_image_ids([other, "a duck"], seed=0)
+    assert seen[-1][2].max_new_tokens == seen[-1][1].sum() - 1 < cap
+
+
+def test_edit_is_generate_image_and_draws_are_seeded(env, monkeypatch, tiny_model):
+    """edit(img, text) is generate_image([img, text]); num_images=N gives image i as seed + i does."""
+    from lavit_jax.inference import llm_tasks
+
+    model = tiny_model
+    seen = []
+    real = llm_tasks.token_prompt_to_image_ids
+
+    def spy(m, p, ids, mask, rng, **kw):
+        seen.append(np.asarray(ids))
+        return real(m, p, ids, mask, rng, **kw)
+
+    monkeypatch.setattr(llm_tasks, "token_prompt_to_image_ids", spy)
+    kw = dict(steps=1, seed=0, return_ids=True, cap_to_prompt=False, min_new_tokens=2, max_new_tokens=8)
+    e_img, e_ids = model.edit(str(env["img"]), "in the snow", **kw)
+    g_img, g_ids = model.generate_image([str(env["img"]), "in the snow"], **kw)
+    np.testing.assert_array_equal(seen[-2], seen[-1])
+    np.testing.assert_array_equal(e_ids[0], g_ids[0])
+    np.testing.assert_array_equal(np.asarray(e_img), np.asarray(g_img))
+
+    imgs, runs = model.edit(str(env["img"]), "in the snow", num_images=2, **kw)
+    one, one_ids = model.edit(str(env["img"]), "in the snow", **{**kw, "seed": 1})
+    assert len(imgs) == 2 and len(runs) == 2
+    np.testing.assert_array_equal(np.asarray(imgs[0]), np.asarray(e_img))
+    np.testing.assert_array_equal(np.asarray(imgs[1]), np.asarray(one))
+    np.testing.assert_array_equal(runs[1][0], one_ids[0])
+
+
+def test_text2image_draws_are_seeded(tiny_model):
+    model = tiny_model
+    t_kw = dict(steps=1, min_new_tokens=2, max_new_tokens=8)
+    t_imgs = model.text2image("a duck", num_images=2, seed=3, **t_kw)
+    np.testing.assert_array_equal(np.asarray(t_imgs[1]), np.asarray(model.text2image("a duck", seed=4, **t_kw)))
+    with pytest.raises(ValueError, match="num_images"):
+        model.text2image("a duck", num_images=0)
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.generate_image("a duck")

@@ -187,3 +187,101 @@ def test_multimodal_sequence_and_sampling(tiny, tok):
     assert toks.shape == (4, 8)
     assert np.all((toks < 3) | (toks >= 32000))  # text ids 3..31999 suppressed
     assert not np.any(toks[:, :5] == 32001)  # min_new_tokens
+
+
+# ------------------------------------------------------------------------------------ sampling options
+
+
+def test_repetition_penalty_matches_hf_processor():
+    """Ids in the first ``step`` columns are penalised as HF's RepetitionPenaltyLogitsProcessor does."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from lavit_jax.inference.generation import repetition_penalty
+
+    rs = np.random.RandomState(0)
+    scores = rs.normal(scale=3.0, size=(4, 50)).astype(np.float32)
+    tokens = rs.randint(0, 50, size=(4, 9))
+    tokens[:, 1] = tokens[:, 0]  # repeated ids
+    for step, p in ((0, 1.3), (1, 1.3), (6, 1.3), (9, 0.7), (6, 2.5)):
+        ours = repetition_penalty(jnp.asarray(scores), jnp.asarray(tokens), step, p)
+        ref = RepetitionPenaltyLogitsProcessor(p)(torch.tensor(tokens[:, :step]), torch.tensor(scores).clone())
+        ours, ref = np.asarray(ours), ref.numpy()
+        np.testing.assert_array_equal(ours != scores, ref != scores)  # the same entries penalised
+        # XLA's CPU float32 division (reciprocal based) is 1 ulp from torch's in places; multiplication is exact
+        np.testing.assert_array_equal(ours[scores < 0], ref[scores < 0])
+        np.testing.assert_allclose(ours, ref, rtol=2e-7, atol=0)
+
+
+def _hf_caption(hf, tokenizer, feats, lengths, **kw):
+    embeds, mask = _reference_understanding(hf, feats, lengths)
+    with torch.no_grad():
+        out = hf.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=12, min_new_tokens=8,
+                          suppress_tokens=list(range(32000, fx.VOCAB)), bos_token_id=1, eos_token_id=fx.EOS,
+                          pad_token_id=fx.EOS, length_penalty=1.0, **kw)
+    return [t.strip().split(".")[0] for t in tokenizer.hf.batch_decode(out, skip_special_tokens=True)]
+
+
+@pytest.mark.parity
+def test_num_captions_matches_hf_beams(tiny, tok):
+    """num_captions=N (num_beams N) == transformers generate(num_beams=N, num_return_sequences=N), per image."""
+    hf, model, params = tiny
+    tokenizer = tok[0]
+    feats, lengths = _feats(0)
+    ours = llm_tasks.caption(model, params, tokenizer, jnp.asarray(feats), jnp.asarray(lengths), max_new_tokens=12,
+                             num_captions=3)
+    ref = _hf_caption(hf, tokenizer, feats, lengths, do_sample=False, num_beams=3, num_return_sequences=3)
+    assert [len(c) for c in ours] == [3, 3]
+    assert [c for row in ours for c in row] == ref
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_repetition_penalty_in_generate_matches_hf(tiny, tok, num_beams):
+    """Greedy and beam captions with a repetition penalty equal transformers generate's.
+
+    Both penalise the ids generated so far (the prompt is embeddings). Unpadded prompts: transformers v5 also
+    skips the first ``left-padding`` generated ids of each row (its ``prompt_ignore_length``, meant for prompt
+    ids); the release's transformers 4.33, and we, do not.
+    """
+    hf, model, params = tiny
+    tokenizer = tok[0]
+    feats, _ = _feats(2)
+    lengths = np.array([5, 5], np.int32)
+    ours = llm_tasks.caption(model, params, tokenizer, jnp.asarray(feats), jnp.asarray(lengths), max_new_tokens=12,
+                             num_beams=num_beams, repetition_penalty=1.8)
+    ref = _hf_caption(hf, tokenizer, feats, lengths, do_sample=False, num_beams=num_beams, repetition_penalty=1.8)
+    plain = _hf_caption(hf, tokenizer, feats, lengths, do_sample=False, num_beams=num_beams)
+    assert ours == ref
+    assert ref != plain, "the penalty should change these captions"
+
+
+def test_sampled_captions_are_seeded(tiny, tok):
+    hf, model, params = tiny
+    tokenizer = tok[0]
+    feats, lengths = (jnp.asarray(a) for a in _feats(0))
+    run = lambda seed, **kw: llm_tasks.caption(  # noqa: E731
+        model, params, tokenizer, feats, lengths, max_new_tokens=12, do_sample=True, rng=jax.random.key(seed),
+        num_captions=2, top_k=20, top_p=0.95, temperature=1.5, repetition_penalty=1.2, **kw)
+    a, b, c = run(0), run(0), run(1)
+    assert a == b and a != c
+    assert [len(r) for r in a] == [2, 2]
+    res = llm_tasks.vqa(model, params, tokenizer, feats, lengths, ["what?", "who?"], do_sample=True,
+                        rng=jax.random.key(0), apply_lemmatizer=False)
+    assert len(res.answers) == 2
+
+
+def test_token_prompt_ids_concatenate_parts_in_order(tok):
+    """Interleaved prompt (image ids, text ids, image ids) -> the parts in order then [IMG], left-padded with 2."""
+    tokenizer, sp = tok
+    a, b = np.array([32005, 32010, 32003]), np.array([32060, 32061])
+    rows = [[a, tokenizer.encode("in the style of"), b], [tokenizer.encode("a duck"), a]]
+    ids, mask = llm_tasks.token_prompt_ids(rows)
+    expected = [[32005, 32010, 32003] + sp.encode("in the style of") + [32060, 32061, 32000],
+                sp.encode("a duck") + [32005, 32010, 32003, 32000]]
+    assert ids.shape[1] == 16  # a length bucket
+    for i, e in enumerate(expected):
+        assert ids[i][mask[i] == 1].tolist() == e and mask[i, -len(e):].all() and mask[i].sum() == len(e)
+        assert np.all(ids[i][mask[i] == 0] == 2)
+    assert llm_tasks.token_prompt_cap(rows) == max(len(e) for e in expected) - 1
+    assert llm_tasks.token_prompt_cap([[a, tokenizer.encode("a duck")]]) == llm_tasks.multimodal_token_cap(
+        [3], tokenizer, ["a duck"])

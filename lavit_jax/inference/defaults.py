@@ -17,6 +17,12 @@ class UnderstandingDefaults:
     min_new_tokens: int
     length_penalty: float
     prompt: str | None = None
+    # sampling (``do_sample``; the release's ``use_nucleus_sampling``): its top_p / temperature /
+    # repetition_penalty defaults, top_k HF's generation-config default (the release passes none)
+    top_p: float = 0.9
+    top_k: int = 50
+    temperature: float = 1.0
+    repetition_penalty: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True)

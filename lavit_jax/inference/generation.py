@@ -12,8 +12,9 @@ Reproduces ``transformers`` ``generate`` (v5 semantics) for the settings LaVIT u
   batch with its own context (e.g. [IMG] alone, or a negative prompt) and, as in HF, position ids
   counted from the start of its own (padded) context.
 
-Processor order (HF): guidance, min-new-tokens (ban eos), suppression, then for sampling only
-temperature, top-k, top-p.
+Processor order (HF): guidance, repetition penalty, min-new-tokens (ban eos), suppression, then for
+sampling only temperature, top-k, top-p. The repetition penalty sees the ids generated so far only
+(HF with ``inputs_embeds``: the prompt has no ids).
 
 Inputs are embeddings (``inputs_embeds [B, T, C]``, left-padded, ``attention_mask [B, T]``) so text ids,
 discrete visual ids and continuous visual features all enter the same way. Outputs are the new tokens
@@ -59,6 +60,7 @@ class GenerationConfig:
     pad_token_id: int = 2
     suppress_ranges: tuple[tuple[int, int], ...] = ()
     guidance_scale: float | None = None
+    repetition_penalty: float = 1.0
 
     def validate(self):
         if self.max_new_tokens < 1:
@@ -78,6 +80,8 @@ class GenerationConfig:
             raise ValueError(f"early_stopping={self.early_stopping!r}: use True, False or 'never'")
         if self.do_sample and self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         for r in self.suppress_ranges:
@@ -127,12 +131,31 @@ def top_p_filter(scores, top_p: float, min_tokens_to_keep: int = 1):
     return jnp.where(remove, NEG_INF, scores)
 
 
-def process_scores(scores, step, cfg: GenerationConfig, uncond_scores=None):
-    """Applies HF's processors in HF's order to next-token scores [N, V] at new-token index ``step``."""
+def repetition_penalty(scores, tokens, step, penalty: float):
+    """HF RepetitionPenaltyLogitsProcessor on the first ``step`` ids of each row.
+
+    scores [N, V]; tokens [N, M] int (ids generated so far in columns < step, the rest ignored); for ids
+    present: score < 0 ? score * penalty : score / penalty.
+    """
+    n, v = scores.shape
+    seen = jnp.arange(tokens.shape[1])[None, :] < step
+    rows = jnp.broadcast_to(jnp.arange(n)[:, None], tokens.shape)
+    present = jnp.zeros((n, v), jnp.int32).at[rows, jnp.clip(tokens, 0, v - 1)].add(seen.astype(jnp.int32)) > 0
+    penalised = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    return jnp.where(present, penalised, scores)
+
+
+def process_scores(scores, step, cfg: GenerationConfig, uncond_scores=None, tokens=None):
+    """Applies HF's processors in HF's order to next-token scores [N, V] at new-token index ``step``.
+
+    tokens [N, M]: the ids generated so far (columns < step), needed when ``cfg.repetition_penalty != 1``.
+    """
     if cfg.use_guidance:
         cond = jax.nn.log_softmax(scores, axis=-1)
         unc = jax.nn.log_softmax(uncond_scores, axis=-1)
         scores = cfg.guidance_scale * (cond - unc) + unc
+    if cfg.repetition_penalty != 1.0:
+        scores = repetition_penalty(scores, tokens, step, cfg.repetition_penalty)
     v = scores.shape[-1]
     if cfg.min_new_tokens > 0 and cfg.eos_token_id is not None:
         is_eos = jnp.arange(v) == cfg.eos_token_id
@@ -202,9 +225,9 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
     )
     last_pos = positions[:, -1]
 
-    def select(logits_last, step, finished, key):
+    def select(logits_last, step, finished, key, tokens):
         unc = logits_last[n:] if cfg.use_guidance else None
-        scores = process_scores(logits_last[:n], step, cfg, unc)
+        scores = process_scores(logits_last[:n], step, cfg, unc, tokens)
         if cfg.do_sample:
             tok = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1)
         else:
@@ -216,7 +239,7 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
     if rng is None:
         rng = jax.random.PRNGKey(0)
     tokens = jnp.full((n, m), cfg.pad_token_id, jnp.int32)
-    tok, finished = select(logits[:, -1], 0, jnp.zeros((n,), bool), rng)
+    tok, finished = select(logits[:, -1], 0, jnp.zeros((n,), bool), rng, tokens)
     tokens = tokens.at[:, 0].set(tok)
 
     def cond(state):
@@ -232,7 +255,7 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
             {"params": params}, input_ids=feed[:, None], attention_mask=key_mask, positions=(last_pos + i)[:, None],
             cache=cache, cache_index=t + i - 1,
         )
-        tok, finished = select(logits[:, -1], i, finished, rng)
+        tok, finished = select(logits[:, -1], i, finished, rng, tokens)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         return i + 1, tokens, finished, cache, key_mask
 
@@ -274,7 +297,7 @@ def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
         (run_seq, run_scores, seqs, beam_scores, finished, unsat, cache) = st
         v = logits_last.shape[-1]
         log_probs = jax.nn.log_softmax(logits_last.astype(jnp.float32), axis=-1)
-        log_probs = process_scores(log_probs, i, cfg)
+        log_probs = process_scores(log_probs, i, cfg, tokens=run_seq.reshape(b * nb, m))
         log_probs = log_probs.reshape(b, nb, v) + run_scores[:, :, None]
         log_probs = log_probs.reshape(b, nb * v)
         topk_lp, topk_idx = jax.lax.top_k(log_probs, k)

@@ -5,6 +5,7 @@
     model.vqa("cat.jpg", "what animal is this?")         # -> "cat"
     model.text2image("a duck made of wool", seed=0)      # -> PIL image (SDXL decoder, 1024 px)
     model.edit("cat.jpg", "in the snow")                 # image + text prompt -> PIL image
+    model.generate_image(["cat.jpg", "in the style of", "dog.png"])   # interleaved prompt -> PIL image
     model.reconstruct("cat.jpg")                         # image -> visual tokens -> PIL image
 
 Parts are loaded on first use (the LLM is not read for ``reconstruct``, the diffusion UNets not for
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lavit_jax import checkpoint, compile_cache, vocab
 from lavit_jax.checkpoint import DECODER_FOLDERS, CheckpointPartError
+from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults, llm_tasks
 from lavit_jax.inference.sampling import to_pil
 
@@ -45,6 +47,28 @@ def _check_text(texts, what="prompt"):
     for t in texts:
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"empty {what}: {t!r}")
+
+
+def prompt_parts(parts) -> list:
+    """An interleaved prompt -> its parts: str for texts, PIL images for images (opened and checked).
+
+    A str naming an existing file is an image path (it must be a readable image), any other str is
+    text; ``os.PathLike``, PIL images and arrays are images.
+    """
+    if isinstance(parts, str) or not isinstance(parts, list | tuple) or not parts:
+        raise ValueError("a multimodal prompt is a non-empty list of texts and images")
+    out = []
+    for p in parts:
+        if isinstance(p, str) and not os.path.isfile(p):
+            out.append(p)
+        else:
+            out.append(load_image(p))
+    return out
+
+
+def _check_num_images(num_images):
+    if not isinstance(num_images, int | np.integer) or num_images < 1:
+        raise ValueError(f"num_images={num_images!r} must be an integer >= 1")
 
 
 class _Stages:
@@ -178,50 +202,83 @@ class LaVIT:
     def _features(self, images, keep, seed):
         return self.understanding_tokenizer.understanding_features(images, mode=keep, seed=seed)
 
-    def caption(self, images, *, num_beams: int = defaults.CAPTION.num_beams,
+    @staticmethod
+    def _understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams, seed) -> dict:
+        """Checked sampling options for ``llm_tasks.caption`` / ``vqa`` (None = the task default)."""
+        if do_sample and num_beams not in (None, 1):
+            raise ValueError(f"num_beams={num_beams} with do_sample: beam sampling is not supported; use num_beams=1")
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p} must be in (0, 1]")
+        if top_k is not None and top_k < 0:
+            raise ValueError(f"top_k={top_k} must be >= 0 (0 disables top-k)")
+        if repetition_penalty is not None and not repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={repetition_penalty} must be > 0 (1 disables it)")
+        return dict(do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                    repetition_penalty=repetition_penalty, num_beams=num_beams,
+                    rng=jax.random.key(seed) if do_sample else None)
+
+    def caption(self, images, *, num_beams: int | None = None,
                 max_new_tokens: int = defaults.CAPTION.max_new_tokens,
                 min_new_tokens: int = defaults.CAPTION.min_new_tokens, prompt: str | None = None,
+                num_captions: int = 1, do_sample: bool = False, temperature: float | None = None,
+                top_p: float | None = None, top_k: int | None = None, repetition_penalty: float | None = None,
                 keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
         """Image(s) (path / PIL / array, or a list) -> caption str (or list of str).
 
-        ``keep``: the token selector's decisions, 'sample' (the release's hard Gumbel sample, drawn from
-        ``seed``) or 'argmax' (deterministic).
+        Beam search by default (``num_beams`` None: max(2, num_captions)); ``do_sample`` samples instead
+        (one beam; ``top_p``/``top_k``/``temperature`` default to ``defaults.CAPTION``'s, drawn from ``seed``).
+        ``repetition_penalty`` (HF semantics, on the generated ids) works with both. ``num_captions`` > 1:
+        a list of that many captions per image (best beam first). ``keep``: the token selector's decisions,
+        'sample' (the release's hard Gumbel sample, drawn from ``seed``) or 'argmax' (deterministic).
         """
         imgs, single = _as_list(images)
+        if num_captions < 1:
+            raise ValueError(f"num_captions={num_captions} must be >= 1")
+        if num_beams is not None and not do_sample and num_captions > num_beams:
+            raise ValueError(f"num_captions={num_captions} > num_beams={num_beams}: beam search returns at most "
+                             "num_beams captions")
+        sampling = self._understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams,
+                                                seed)
         self.require("visual_tokenizer", "caption")
         self.require("language_model", "caption")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
         feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
-        out = llm_tasks.caption(model, params, tok, feats, lengths, num_beams=num_beams,
-                                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, prompt=prompt)
+        out = llm_tasks.caption(model, params, tok, feats, lengths, max_new_tokens=max_new_tokens,
+                                min_new_tokens=min_new_tokens, prompt=prompt, num_captions=num_captions, **sampling)
         stages.done(1)
         return out[0] if single else out
 
-    def vqa(self, images, questions, *, num_beams: int = defaults.VQA.num_beams,
+    def vqa(self, images, questions, *, num_beams: int | None = None,
             max_new_tokens: int = defaults.VQA.max_new_tokens, min_new_tokens: int = defaults.VQA.min_new_tokens,
+            do_sample: bool = False, temperature: float | None = None, top_p: float | None = None,
+            top_k: int | None = None, repetition_penalty: float | None = None,
             apply_lemmatizer: bool = True, keep: str = defaults.KEEP, seed: int = 0, progress: bool = False):
         """Image(s) + question(s) -> answer (or list). One question per image.
 
         Answers are ``llm_tasks.Answer`` strings: lower-cased, nouns and verbs lemmatised with spaCy's
         ``en_core_web_sm`` as the release does when that model is installed; ``answer.answer_processing``
-        says which ('lemmatized' or 'lowercase-only'). ``keep``/``seed`` as for ``caption``.
+        says which ('lemmatized' or 'lowercase-only'). Beam search (5 beams) by default; ``do_sample``,
+        ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty``, ``keep``, ``seed`` as for ``caption``.
         """
         imgs, single = _as_list(images)
         qs, _ = _as_list(questions)
         _check_text(qs, "question")
         if len(qs) != len(imgs):
             raise ValueError(f"{len(imgs)} images but {len(qs)} questions")
+        sampling = self._understanding_sampling(do_sample, temperature, top_p, top_k, repetition_penalty, num_beams,
+                                                seed)
         self.require("visual_tokenizer", "vqa")
         self.require("language_model", "vqa")
         stages = _Stages(["tokenize", "language model"], progress)
         model, params, tok = self.language_model
         feats, lengths = self._features(imgs, keep, seed)
         stages.done(0)
-        res = llm_tasks.vqa(model, params, tok, feats, lengths, qs, num_beams=num_beams,
-                            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                            apply_lemmatizer=apply_lemmatizer)
+        res = llm_tasks.vqa(model, params, tok, feats, lengths, qs, max_new_tokens=max_new_tokens,
+                            min_new_tokens=min_new_tokens, apply_lemmatizer=apply_lemmatizer, **sampling)
         stages.done(1)
         return res.answers[0] if single else res.answers
 
@@ -256,6 +313,36 @@ class LaVIT:
         out = llm_tasks.text_to_image_ids(model, params, tok, texts, jax.random.key(seed), config=cfg)
         return self._visual_ids(out, "the prompt")
 
+    def _token_prompt_ids(self, rows, *, llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens,
+                          seed, keep, cap_to_prompt, add_special, what):
+        """Rows of interleaved parts (texts and images) -> sampled visual ids, lengths (see ``edit_ids``)."""
+        images = [p for row in rows for p in row if not isinstance(p, str)]
+        model, params, tok = self.language_model
+        if images:
+            image_ids, image_lengths = self.visual_tokenizer.tokenize(images, add_special=add_special, mode=keep,
+                                                                      seed=seed)
+            image_ids, image_lengths = np.asarray(image_ids), np.asarray(image_lengths)
+        token_rows, k = [], 0
+        for row in rows:
+            parts = []
+            for p in row:
+                if isinstance(p, str):
+                    parts.append(np.asarray(tok.encode(p), np.int32))
+                else:
+                    parts.append(image_ids[k, : image_lengths[k]])
+                    k += 1
+            token_rows.append(parts)
+        if cap_to_prompt:
+            max_new_tokens = llm_tasks.token_prompt_cap(token_rows)
+            if images:  # never more than an image can have (past that the pixel decoder has no queries)
+                cfg = self.visual_tokenizer.config
+                max_new_tokens = min(max_new_tokens, (cfg.image_size // cfg.patch_size) ** 2)
+            min_new_tokens = min(min_new_tokens, max_new_tokens)  # HF stops at the cap before the minimum
+        cfg = self._generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
+        ids, mask = llm_tasks.token_prompt_ids(token_rows)
+        out = llm_tasks.token_prompt_to_image_ids(model, params, ids, mask, jax.random.key(seed), config=cfg)
+        return self._visual_ids(out, what)
+
     def edit_ids(self, images, prompts, *, llm_guidance: float = defaults.EDIT.llm_guidance,
                  top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
                  temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
@@ -266,7 +353,9 @@ class LaVIT:
         ``cap_to_prompt`` (default, as the release): the release's ``generate_image_tokenids`` replaces
         the new-token limit with the prompt's token count when the prompt is given as tokens (which
         ``multimodal_synthesis`` always does), so at most max(len(image ids) + len(text ids)) new tokens
-        are generated, whatever ``max_new_tokens`` says; ``cap_to_prompt=False`` keeps ``max_new_tokens``.
+        are generated, whatever ``max_new_tokens`` says, and (unlike the release, whose pixel decoder would fail)
+        at most the visual tokens an image can have; ``cap_to_prompt=False`` keeps ``max_new_tokens``.
+        Row i is ``generate_image_ids([images[i], prompts[i]])`` of a batch.
         """
         imgs, _ = _as_list(images)
         texts, _ = _as_list(prompts)
@@ -275,21 +364,43 @@ class LaVIT:
             texts = texts * len(imgs)
         if len(texts) != len(imgs):
             raise ValueError(f"{len(imgs)} images but {len(texts)} prompts")
-        image_ids, image_lengths = self.visual_tokenizer.tokenize(imgs, add_special=False, mode=keep, seed=seed)
-        model, params, tok = self.language_model
-        if cap_to_prompt:
-            max_new_tokens = llm_tasks.multimodal_token_cap(np.asarray(image_lengths), tok, texts)
-            min_new_tokens = min(min_new_tokens, max_new_tokens)  # HF stops at the cap before the minimum
-        cfg = self._generation_config(llm_guidance, top_k, top_p, temperature, min_new_tokens, max_new_tokens)
-        out = llm_tasks.multimodal_to_image_ids(model, params, tok, image_ids, image_lengths, texts,
-                                                jax.random.key(seed), config=cfg)
-        return self._visual_ids(out, "the multimodal prompt")
+        return self._token_prompt_ids(
+            [[load_image(im), t] for im, t in zip(imgs, texts)], llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+            temperature=temperature, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, seed=seed,
+            keep=keep, cap_to_prompt=cap_to_prompt, add_special=False, what="the multimodal prompt")
+
+    def generate_image_ids(self, parts, *, llm_guidance: float = defaults.EDIT.llm_guidance,
+                           top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
+                           temperature: float = defaults.EDIT.temperature,
+                           min_new_tokens: int = defaults.EDIT.min_new_tokens,
+                           max_new_tokens: int = defaults.EDIT.max_new_tokens, seed: int = 0, keep: str = defaults.KEEP,
+                           cap_to_prompt: bool = True, add_special: bool = False):
+        """An interleaved prompt (list of texts and images, any order) -> visual ids [1, N], lengths [1].
+
+        As the release's ``multimodal_synthesis``: each image becomes its visual ids (no [IMG]/[/IMG]:
+        ``tokenize_image(add_special=False)``; ``add_special=True`` wraps each in [IMG] ... [/IMG]), each
+        text its ids without BOS, concatenated in order, then [IMG]. See ``prompt_parts`` for which
+        parts are images, ``edit_ids`` for ``cap_to_prompt`` (the cap counts every part's tokens).
+        """
+        parts = prompt_parts(parts)
+        _check_text([p for p in parts if isinstance(p, str)])
+        return self._token_prompt_ids(
+            [parts], llm_guidance=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
+            min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, seed=seed, keep=keep,
+            cap_to_prompt=cap_to_prompt, add_special=add_special, what="the multimodal prompt")
 
     def decode_ids(self, ids, lengths, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
                    guidance: float = defaults.TEXT2IMAGE.guidance, seed: int = 0, size: int | None = None, noise=None,
                    progress: bool = False) -> list:
         """Visual ids [B, N] (LLM space) + lengths [B] -> list of B PIL images."""
         detok = self.detokenizer(decoder)
+        cfg = detok.token_decoder.config
+        capacity = (cfg.image_size // cfg.patch_size) ** 2
+        ids, lengths = np.asarray(ids), np.asarray(lengths)
+        if ids.shape[1] > capacity:  # padding past the decoder's queries (a long multimodal prompt's cap)
+            if int(lengths.max()) > capacity:
+                raise ValueError(f"{int(lengths.max())} visual tokens: the pixel decoder takes at most {capacity}")
+            ids = ids[:, :capacity]
         images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, size=size, noise=noise,
                                    progress=progress)
         return to_pil(images)
@@ -301,28 +412,43 @@ class LaVIT:
         images = images[0] if single else images
         return (images, (ids, lengths)) if return_ids else images
 
+    def _decode_draws(self, runs, stages, single, return_ids, *, seed, **decode_kw):
+        """Decodes draw i's (ids, lengths) with seed + i. One draw: as ``_decode_stage``; several: a list of
+        images per prompt (a list of lists for several prompts), ids as a list of (ids, lengths) per draw."""
+        if len(runs) == 1:
+            return self._decode_stage(*runs[0], stages, single, return_ids, seed=seed, **decode_kw)
+        draws = [self.decode_ids(ids, lengths, seed=seed + i, **decode_kw) for i, (ids, lengths) in enumerate(runs)]
+        stages.done(1)
+        per_prompt = [[d[b] for d in draws] for b in range(len(draws[0]))]
+        images = per_prompt[0] if single else per_prompt
+        return (images, runs) if return_ids else images
+
     def text2image(self, prompts, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
                    guidance: float = defaults.TEXT2IMAGE.guidance,
                    llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance, seed: int = 0, size: int | None = None,
                    top_k: int = defaults.TEXT2IMAGE.top_k,
                    top_p: float = defaults.TEXT2IMAGE.top_p, temperature: float = defaults.TEXT2IMAGE.temperature,
                    min_new_tokens: int = defaults.TEXT2IMAGE.min_new_tokens,
-                   max_new_tokens: int = defaults.TEXT2IMAGE.max_new_tokens, return_ids: bool = False,
-                   progress: bool = False):
+                   max_new_tokens: int = defaults.TEXT2IMAGE.max_new_tokens, num_images: int = 1,
+                   return_ids: bool = False, progress: bool = False):
         """Prompt(s) -> PIL image (or list). ``decoder`` 'highres' (SDXL, default when converted) or 'lowres'.
-        With ``return_ids`` also returns (ids, lengths) of the generated visual tokens."""
+        With ``return_ids`` also returns (ids, lengths) of the generated visual tokens.
+
+        ``num_images`` > 1: that many images per prompt (a list; a list of lists for several prompts), image i
+        drawn from seed + i (it is what ``num_images=1, seed=seed + i`` gives); ids: a list of (ids, lengths)."""
         prompts_, single = _as_list(prompts)
         _check_text(prompts_)
+        _check_num_images(num_images)
         decoder = self._pick_decoder(decoder, "text2image")
         self.require("language_model", "text2image")
         stages = _Stages(["language model", "diffusion"], progress)
-        ids, lengths = self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
-                                           temperature=temperature, min_new_tokens=min_new_tokens,
-                                           max_new_tokens=max_new_tokens, seed=seed)
+        runs = [self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, min_new_tokens=min_new_tokens,
+                                    max_new_tokens=max_new_tokens, seed=seed + i) for i in range(num_images)]
         if self.low_memory:
             self.release("llm")  # one stage in memory at a time
         stages.done(0)
-        return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
+        return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
 
     def edit(self, images, prompts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
@@ -330,22 +456,54 @@ class LaVIT:
              size: int | None = None, top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
              temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
              max_new_tokens: int = defaults.EDIT.max_new_tokens, keep: str = defaults.KEEP, cap_to_prompt: bool = True,
-             return_ids: bool = False, progress: bool = False):
+             num_images: int = 1, return_ids: bool = False, progress: bool = False):
         """Image(s) + prompt -> PIL image (or list): generation from the multimodal prompt (see ``edit_ids`` for
-        ``keep`` and ``cap_to_prompt``)."""
+        ``keep`` and ``cap_to_prompt``, ``text2image`` for ``num_images``). ``edit(img, text)`` is
+        ``generate_image([img, text])``."""
         imgs, single = _as_list(images)
         texts, _ = _as_list(prompts)
         _check_text(texts)
+        _check_num_images(num_images)
         decoder = self._pick_decoder(decoder, "edit")
         self.require("language_model", "edit")
         stages = _Stages(["language model", "diffusion"], progress)
-        ids, lengths = self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
-                                     temperature=temperature, min_new_tokens=min_new_tokens,
-                                     max_new_tokens=max_new_tokens, seed=seed, keep=keep, cap_to_prompt=cap_to_prompt)
+        runs = [self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                              temperature=temperature, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
+                              seed=seed + i, keep=keep, cap_to_prompt=cap_to_prompt) for i in range(num_images)]
         if self.low_memory:
             self.release("llm")  # one stage in memory at a time
         stages.done(0)
-        return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
+        return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
+                                  guidance=guidance, seed=seed, size=size, progress=progress)
+
+    def generate_image(self, parts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
+                       guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance,
+                       seed: int = 0, size: int | None = None, top_k: int = defaults.EDIT.top_k,
+                       top_p: float = defaults.EDIT.top_p, temperature: float = defaults.EDIT.temperature,
+                       min_new_tokens: int = defaults.EDIT.min_new_tokens,
+                       max_new_tokens: int = defaults.EDIT.max_new_tokens, keep: str = defaults.KEEP,
+                       cap_to_prompt: bool = True, add_special: bool = False, num_images: int = 1,
+                       return_ids: bool = False, progress: bool = False):
+        """An interleaved prompt, e.g. ``[img_a, "in the style of", img_b]`` (any number of images: path / PIL /
+        array, and texts, in any order) -> PIL image (a list with ``num_images`` > 1). The prompt is built as
+        the release's ``multimodal_synthesis`` builds it (see ``generate_image_ids``); options as ``edit``."""
+        parts = prompt_parts(parts)
+        _check_text([p for p in parts if isinstance(p, str)])
+        _check_num_images(num_images)
+        decoder = self._pick_decoder(decoder, "generate_image")
+        self.require("language_model", "generate_image")
+        if any(not isinstance(p, str) for p in parts):
+            self.require("visual_tokenizer", "generate_image")
+        stages = _Stages(["language model", "diffusion"], progress)
+        runs = [self.generate_image_ids(parts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                                        temperature=temperature, min_new_tokens=min_new_tokens,
+                                        max_new_tokens=max_new_tokens, seed=seed + i, keep=keep,
+                                        cap_to_prompt=cap_to_prompt, add_special=add_special)
+                for i in range(num_images)]
+        if self.low_memory:
+            self.release("llm")  # one stage in memory at a time
+        stages.done(0)
+        return self._decode_draws(runs, stages, True, return_ids, decoder=decoder, steps=steps,
                                   guidance=guidance, seed=seed, size=size, progress=progress)
 
     def reconstruct(self, images, *, decoder: str | None = None, steps: int = defaults.RECONSTRUCT.steps,

@@ -126,28 +126,59 @@ def image_codes_from_ids(tokens):
 # ------------------------------------------------------------------------------------ understanding
 
 
+def understanding_config(
+    task: defaults.UnderstandingDefaults, tokenizer, vocab_size: int, *, num_beams=None, max_new_tokens=None,
+    min_new_tokens=None, length_penalty=None, num_return_sequences=1, do_sample=False, temperature=None,
+    top_p=None, top_k=None, repetition_penalty=None, early_stopping=False,
+) -> GenerationConfig:
+    """Caption / VQA generation settings: ``task``'s defaults for every None; ids >= 32000 suppressed.
+
+    ``num_beams`` None: 1 when sampling, else max(task.num_beams, num_return_sequences).
+    """
+    pick = lambda v, d: d if v is None else v  # noqa: E731
+    if num_beams is None:
+        num_beams = 1 if do_sample else max(task.num_beams, num_return_sequences)
+    return GenerationConfig(
+        max_new_tokens=pick(max_new_tokens, task.max_new_tokens),
+        min_new_tokens=pick(min_new_tokens, task.min_new_tokens),
+        num_beams=num_beams, length_penalty=pick(length_penalty, task.length_penalty), early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences, do_sample=do_sample, temperature=pick(temperature, task.temperature),
+        top_p=pick(top_p, task.top_p), top_k=pick(top_k, task.top_k),
+        repetition_penalty=pick(repetition_penalty, task.repetition_penalty), eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(vocab_size)),),
+    )
+
+
 def caption(
-    model, params, tokenizer, feats, lengths, *, num_beams=defaults.CAPTION.num_beams,
-    max_new_tokens=defaults.CAPTION.max_new_tokens, min_new_tokens=defaults.CAPTION.min_new_tokens,
-    length_penalty=defaults.CAPTION.length_penalty, num_captions=1, prompt=None,
-) -> list[str]:
-    """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``)."""
+    model, params, tokenizer, feats, lengths, *, num_beams=None, max_new_tokens=defaults.CAPTION.max_new_tokens,
+    min_new_tokens=defaults.CAPTION.min_new_tokens, length_penalty=defaults.CAPTION.length_penalty, num_captions=1,
+    prompt=None, do_sample=False, temperature=None, top_p=None, top_k=None, repetition_penalty=None, rng=None,
+) -> list:
+    """Captions from continuous visual features feats [B, N, C] + lengths [B] (reference ``generate``).
+
+    Beam search by default (``num_beams`` None: max(2, num_captions)); ``do_sample`` samples (needs ``rng``;
+    top-p / top-k / temperature default to ``defaults.CAPTION``). Returns B strings, or with
+    ``num_captions`` > 1 B lists of ``num_captions`` strings (best beam first).
+    """
     b = feats.shape[0]
     text_ids = text_mask = None
     if prompt:
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
         text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, prompts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        length_penalty=length_penalty, num_return_sequences=num_captions, eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    cfg = understanding_config(
+        defaults.CAPTION, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, length_penalty=length_penalty, num_return_sequences=num_captions,
+        do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg)
+    out = generate(model, params, embeds, mask, cfg, rng=rng)
     tokens, n = np.asarray(out.tokens), np.asarray(out.lengths)
     texts, dropped = tokenizer.decode_batch(tokens, n, with_dropped=True)
-    return [Caption(t.strip().split(".")[0], _empty_caption_note(t, row[:k], d, tokenizer))
-            for t, row, k, d in zip(texts, tokens, n, dropped, strict=True)]
+    texts = [Caption(t.strip().split(".")[0], _empty_caption_note(t, row[:k], d, tokenizer))
+             for t, row, k, d in zip(texts, tokens, n, dropped, strict=True)]
+    if num_captions == 1:
+        return texts
+    return [texts[i * num_captions:(i + 1) * num_captions] for i in range(b)]
 
 
 class Caption(str):
@@ -228,11 +259,14 @@ def lemmatize(answers, nlp):
 
 
 def vqa(
-    model, params, tokenizer, feats, lengths, questions, *, prompt=defaults.VQA.prompt,
-    num_beams=defaults.VQA.num_beams, max_new_tokens=defaults.VQA.max_new_tokens,
-    min_new_tokens=defaults.VQA.min_new_tokens, length_penalty=defaults.VQA.length_penalty, apply_lemmatizer=True,
+    model, params, tokenizer, feats, lengths, questions, *, prompt=defaults.VQA.prompt, num_beams=None,
+    max_new_tokens=defaults.VQA.max_new_tokens, min_new_tokens=defaults.VQA.min_new_tokens,
+    length_penalty=defaults.VQA.length_penalty, apply_lemmatizer=True, do_sample=False, temperature=None, top_p=None,
+    top_k=None, repetition_penalty=None, rng=None,
 ) -> VqaAnswers:
     """Answers ``questions`` (list of str) about feats [B, N, C] + lengths [B] (reference ``predict_answers``).
+
+    Beam search (5 beams) by default; ``do_sample`` samples instead (needs ``rng``), as for ``caption``.
 
     Lemmatisation uses spaCy's ``en_core_web_sm`` only when installed; ``note`` says when it was skipped.
     """
@@ -241,12 +275,12 @@ def vqa(
     texts = [prompt.format(q) for q in questions] if prompt else list(questions)
     text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, texts))
     embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
-    cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-        length_penalty=length_penalty, early_stopping=True, eos_token_id=tokenizer.eos_id,
-        pad_token_id=tokenizer.pad_id, suppress_ranges=((IMG_START, int(model.config.vocab_size)),),
+    cfg = understanding_config(
+        defaults.VQA, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=True, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg)
+    out = generate(model, params, embeds, mask, cfg, rng=rng)
     answers = [postprocess_answer(t) for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
     if not apply_lemmatizer:
         return VqaAnswers([Answer(a, "none") for a in answers], False, "post-processing off")
@@ -332,3 +366,38 @@ def multimodal_to_image_ids(
     text_ids, text_mask = encode_texts(tokenizer, texts)
     ids, mask = image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
     return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
+
+
+def token_prompt_ids(rows):
+    """Token prompts -> (ids [B, T], mask [B, T]) int32: each row's parts concatenated, then [IMG].
+
+    rows: B lists of 1-D id sequences (visual ids already +32002, text ids without BOS), in prompt
+    order, as the release's ``multimodal_synthesis`` concatenates them. Left-padded with 2 (mask 0) to
+    ``length_bucket`` of the longest row, so prompt lengths share compiled programs.
+    """
+    seqs = [np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in row] + [np.array([IMG_START])])
+            for row in rows]
+    width = length_bucket(max(len(s) for s in seqs))
+    ids = np.full((len(seqs), width), PAD_ID, np.int32)
+    mask = np.zeros((len(seqs), width), np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def token_prompt_cap(rows) -> int:
+    """The release's new-token limit for token prompts: the longest row's token count ([IMG] not counted).
+
+    The same rule as ``multimodal_token_cap``, for prompts of any number of image and text parts.
+    """
+    return int(max(sum(len(np.asarray(p).reshape(-1)) for p in row) for row in rows))
+
+
+def token_prompt_to_image_ids(
+    model, params, ids, mask, rng, *, config: GenerationConfig | None = None, negative_ids=None, negative_mask=None,
+) -> GenerationOutput:
+    """Samples visual ids after token prompts ids [B, T] + mask [B, T] from ``token_prompt_ids``."""
+    cfg = config or image_generation_config(guidance_scale=defaults.EDIT.llm_guidance)
+    return _image_ids_generate(model, params, jnp.asarray(ids), jnp.asarray(mask), rng, cfg, negative_ids,
+                               negative_mask)
