@@ -128,8 +128,6 @@ COMMANDS = all_commands()
 NEEDS_7B = {
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16",
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16 --verify",
-    "python train.py --config configs/lavit_7b.py --config.train.data_dir=/data/images "
-    "--config.train.init_from=ckpt/lavit7b --config.mesh_shape='(-1,1,1)'",
     "python eval.py --config configs/lavit_7b.py --checkpoint out/tokenizer_stage1 --data_dir /data/val",
     "python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images "
     "--config.train.init_from=CONVERTED_DIR",
