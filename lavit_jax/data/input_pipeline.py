@@ -7,10 +7,13 @@ at the VAE's resolution in [-1, 1] (the detokenizer stage).
 
 ``lm_examples(spec, image_size, seed, examples, ...)``: a repeating, shuffled Grain dataset whose
 elements are lists of ``examples`` stage-2 examples, each a dict ``kind`` (0 image->text, 1
-text->image, 2 text only), ``text`` (int32 text ids) and ``pixels`` [S, S, 3] float32 (zeros for
-text-only examples). Sources: ``synthetic:N`` (deterministic images and learnable id patterns) or
-a JSONL file (``{"image": PATH, "text": STR}`` per line, image optional, paths relative to the
-file; text ids from ``text_tokenizer``).
+text->image, 2 text only), ``text`` (int32 text ids), ``pixels`` [S, S, 3] float32 (zeros for
+text-only examples and kinds not in ``pixels_for``) and ``index`` (the position in the global
+stream, for per-example random draws). Sources: ``synthetic:N`` (deterministic images and learnable
+id patterns) or a JSONL file (``{"image": PATH, "text": STR}`` per line, image optional, paths
+relative to the file; text ids from ``text_tokenizer``). With ``visual_ids`` (precomputed records,
+``data/visual_records.py``, record k for source record k) each example also has ``visual_ids``
+(int32 LLM ids; empty for text-only examples).
 
 Every iterator has ``get_state()/set_state()`` (saved with the training checkpoint), shuffling is
 deterministic (``seed``), each process reads its own shard (``process_index`` of ``process_count``,
@@ -30,6 +33,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from lavit_jax.data import visual_records
 from lavit_jax.data.image_io import ImageInputError, load_image, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -194,8 +198,13 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.4, 0.4, 0.2), text_tokenizer=None,
-                max_text_tokens: int = 512, process_index=None, process_count=None, workers: int = 0):
-    """Lists of ``examples`` stage-2 examples (see the module docstring); kinds drawn with probabilities ``mix``."""
+                max_text_tokens: int = 512, process_index=None, process_count=None, workers: int = 0,
+                visual_ids=None, visual_ids_name: str = "", pixels_for=(KIND_IMAGE_TO_TEXT, KIND_TEXT_TO_IMAGE)):
+    """Lists of ``examples`` stage-2 examples (see the module docstring); kinds drawn with probabilities ``mix``.
+
+    visual_ids: a random-access source of precomputed records aligned with the data (its name
+    ``visual_ids_name`` in errors); pixels_for: the kinds whose images are decoded.
+    """
     mix = np.asarray(mix, np.float64)
     if mix.shape != (3,) or (mix < 0).any() or mix.sum() <= 0:
         raise ValueError(f"config train.mix={tuple(mix)}: expected 3 non-negative fractions "
@@ -207,27 +216,43 @@ def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.
         if text_tokenizer is None:
             raise ValueError("config train.text_tokenizer: a JSONL source needs the text tokenizer "
                              "(a converted checkpoint directory)")
-        records = read_jsonl(spec)
+        records = [dict(r, index=k) for k, r in enumerate(read_jsonl(spec))]
+    field = f"config train.visual_ids_from={visual_ids_name!r}"
+    if visual_ids is not None and len(visual_ids) != len(records):
+        raise ValueError(f"{field} has {len(visual_ids)} records, train.data_dir={spec!r} has {len(records)} "
+                         "(precompute it from the same data)")
+    pixels_for = tuple(pixels_for)
 
     def load(i_rec):
         i, rec = i_rec
         u = np.random.default_rng([seed, i]).random()
         if isinstance(rec, int):
-            text, image = synthetic_text(rec), rec
+            text, image, k = synthetic_text(rec), rec, rec
         else:
             text = np.asarray(text_tokenizer.encode(rec["text"])[:max_text_tokens], np.int32)
-            image = rec["image"]
+            image, k = rec["image"], rec["index"]
         if len(text) == 0:
             log.warning("skipping a record with empty text (image %s)", image)
             return None
         kind = min(int(np.searchsorted(cum, u, side="right")), KIND_TEXT) if image is not None else KIND_TEXT
-        if kind == KIND_TEXT:
-            pixels = np.zeros((image_size, image_size, 3), np.float32)
-        else:
-            pixels = _load_pixels(image, image_size)
-            if pixels is None:
+        out = {"kind": kind, "text": text, "index": i}
+        if visual_ids is not None:
+            vis = visual_records.decode_record(visual_ids[k])
+            if vis.get("image") != image:
+                raise ValueError(f"{field}: record {k} is for image {vis.get('image')!r}, train.data_dir record "
+                                 f"{k} is {image!r} (precompute it from the same data)")
+            if kind != KIND_TEXT and vis["visual_ids"] is None:
+                log.warning("skipping image %s: it has no precomputed visual ids (unreadable when precomputed)",
+                            image)
                 return None
-        return {"kind": kind, "text": text, "pixels": pixels}
+            out["visual_ids"] = vis["visual_ids"] if kind != KIND_TEXT else np.zeros((0,), np.int32)
+        if kind == KIND_TEXT or kind not in pixels_for:
+            out["pixels"] = np.zeros((image_size, image_size, 3), np.float32)
+        else:
+            out["pixels"] = _load_pixels(image, image_size)
+            if out["pixels"] is None:
+                return None
+        return out
 
     # The kind is drawn per position in the global stream: independent of the process count.
     return sharded_batches(records, load, examples, seed, process_index=process_index, process_count=process_count,
