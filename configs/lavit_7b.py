@@ -99,7 +99,7 @@ def common_train_config(stage: str) -> ml_collections.ConfigDict:
     c.b1, c.b2 = 0.9, 0.99
     c.grad_clip = 1.0  # global-norm clipping (0: off)
     c.compute_dtype = "bfloat16"  # activations; master weights stay float32
-    c.init_from = ""  # a converted checkpoint (tools/convert_torch_weights.py)
+    c.init_from = ""  # a converted checkpoint (tools/convert_torch_weights.py); stage lm: or a HF LLaMA directory
     c.workdir = f"out/{stage}"
     c.save_every = 1000
     c.keep_checkpoints = 3
@@ -149,8 +149,15 @@ def train_config(stage: str = "tokenizer") -> ml_collections.ConfigDict:
         c.weight_decay = 0.1
         c.b2 = 0.95
         c.tokenizer_from = ""  # converted checkpoint with the (frozen) visual tokenizer; "" = random (tests)
-        c.text_tokenizer = ""  # folder with tokenizer.model (default: INIT_FROM/language_model)
+        c.text_tokenizer = ""  # folder with tokenizer.model (default: INIT_FROM/language_model, or INIT_FROM if HF)
         c.max_text_tokens = 512
+        # Image->text inputs: "continuous" = the merger -> vit_proj features between [IMG] and [/IMG], the merger
+        # and vit_proj training with the LLM, loss on the text only (as the reference); "discrete" = visual ids.
+        c.understanding = "continuous"
+        c.images_per_row = 4  # continuous: image->text images per packed row (their pixels travel with the row)
+        # tools/precompute_visual_tokens.py output for train.data_dir: text->image (and discrete image->text) ids
+        # from the file instead of tokenizing on the fly; "" = on the fly.
+        c.visual_ids_from = ""
     elif stage == "detokenizer":
         # Our defaults (not from the paper): SD-1.5 UNet fine-tuning on the token decoder's condition.
         c.workdir = "out/detokenizer"

@@ -182,6 +182,15 @@ def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=No
     return VisualTokenizer(config, params, dec, mesh)
 
 
+def load_understanding_weights(ckpt_dir: str, *, scan_layers: bool = True) -> dict | None:
+    """The stage-2 merger + projector (``language_model/visual_weight``) as a partial tokenizer param tree
+    (numpy), or None if the checkpoint has none."""
+    if not part_entry(ckpt_dir, "language_model", "the language model").get("visual_weight"):
+        return None
+    over = load_tree(os.path.join(ckpt_dir, "language_model", "visual_weight"))
+    return scan.relayout(over, TOKENIZER_STACKS, scan_layers)
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():

@@ -88,3 +88,14 @@ def test_rejections_name_the_input():
         pack_sequences([A, C], 6, loss_weights=[[1, 1, 1, 1], [1, 1, 1]])
     with pytest.raises(ValueError, match="loss_weights: 1 arrays for 2 sequences"):
         pack_sequences([A, C], 6, loss_weights=[[1, 1, 1, 1]])
+
+
+def test_item_cap_per_row():
+    # C and D fit row 0's slots, but each counts one item and every row holds at most one: C opens row 1, D row 2.
+    out = pack_sequences([A, C, D], 6, items=[1, 1, 1], max_items=1)
+    np.testing.assert_array_equal(out["tokens"], [[10, 11, 12, 0, 0, 0], [30, 0, 0, 0, 0, 0], [40, 41, 0, 0, 0, 0]])
+    # Sequences counting no item still fill the free slots.
+    out = pack_sequences([A, C, D], 6, items=[1, 0, 1], max_items=1)
+    np.testing.assert_array_equal(out["tokens"], [[10, 11, 12, 30, 0, 0], [40, 41, 0, 0, 0, 0]])
+    with pytest.raises(ValueError, match="items: 1 counts for 2 sequences"):
+        pack_sequences([A, C], 6, items=[1])

@@ -112,7 +112,8 @@ def test_sigkill_then_same_command_resumes_exactly(tmp_path):
     proc = subprocess.Popen(_cmd(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
-        if any(r["step"] >= 6 for r in _records(killed)):  # past the checkpoint at step 4
+        # past the checkpoint at step 4, and Orbax has finalised it (renamed its temporary directory to "4")
+        if any(r["step"] >= 6 for r in _records(killed)) and (killed / "4").is_dir():
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run finished before it could be killed"

@@ -103,14 +103,15 @@ def index_shard_files(index_path) -> list[str]:
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """(key, numpy array) of one weight file, one tensor at a time, without running code.
 
-    ``.safetensors`` are opened lazily; torch pickles are memory-mapped (older non-zip pickles fall back
-    to a plain ``weights_only`` load). A missing/truncated/corrupt file raises ``WeightFileError`` naming it.
+    ``.safetensors`` are opened lazily as numpy (torch is not imported); torch pickles are memory-mapped
+    (older non-zip pickles fall back to a plain ``weights_only`` load). A missing/truncated/corrupt file
+    raises ``WeightFileError`` naming it.
     """
     if not os.path.isfile(path):
         raise WeightFileError(f"weight file not found: {path}")
-    if path.endswith(".safetensors"):
+    if path.endswith(".safetensors"):  # read as numpy (bf16 as ml_dtypes.bfloat16): no torch import
         try:
-            f = safe_open(path, framework="pt")
+            f = safe_open(path, framework="numpy")
             keys = list(f.keys())
         except Exception as e:
             raise WeightFileError(f"cannot read weight file {path}: {type(e).__name__}: {e}") from e
@@ -119,7 +120,7 @@ def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
                 t = f.get_tensor(k)
             except Exception as e:
                 raise WeightFileError(f"cannot read tensor {k!r} of {path}: {type(e).__name__}: {e}") from e
-            yield k, tensor_to_numpy(t)
+            yield k, t
         return
     try:
         sd = load_torch_object(path, mmap=True)

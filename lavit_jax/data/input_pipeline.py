@@ -30,9 +30,12 @@ detokenizer stage).
 
 ``lm_examples(spec, image_size, seed, examples, ...)``: a repeating, shuffled Grain dataset whose
 elements are lists of ``examples`` stage-2 examples, each a dict ``kind`` (0 image->text, 1
-text->image, 2 text only), ``text`` (int32 text ids) and ``pixels`` [S, S, 3] float32 (zeros for
-text-only examples). Examples without text are left out; examples without an image are text only.
-Text ids come from ``text_tokenizer`` (``synthetic:N`` has its own).
+text->image, 2 text only), ``text`` (int32 text ids), ``pixels`` [S, S, 3] float32 (zeros for
+text-only examples and kinds not in ``pixels_for``) and ``index`` (the position in the global
+stream, for per-example random draws). Examples without text are left out; examples without an
+image are text only. Text ids come from ``text_tokenizer`` (``synthetic:N`` has its own). With
+``visual_ids`` (precomputed records, ``data/visual_records.py``, record k for source record k) each
+example also has ``visual_ids`` (int32 LLM ids; empty for text-only examples).
 
 Every iterator has ``get_state()/set_state()`` (saved with the training checkpoint), shuffling is
 deterministic (``seed``), each process reads its own shard (``process_index`` of ``process_count``,
@@ -69,6 +72,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
+from lavit_jax.data import visual_records
 from lavit_jax.data.image_io import ImageInputError, load_image, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -717,8 +721,13 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.4, 0.4, 0.2), text_tokenizer=None,
-                max_text_tokens: int = 512, process_index=None, process_count=None, workers: int = 0):
-    """Lists of ``examples`` stage-2 examples (see the module docstring); kinds drawn with probabilities ``mix``."""
+                max_text_tokens: int = 512, process_index=None, process_count=None, workers: int = 0,
+                visual_ids=None, visual_ids_name: str = "", pixels_for=(KIND_IMAGE_TO_TEXT, KIND_TEXT_TO_IMAGE)):
+    """Lists of ``examples`` stage-2 examples (see the module docstring); kinds drawn with probabilities ``mix``.
+
+    visual_ids: a random-access source of precomputed records aligned with the data's records (its name
+    ``visual_ids_name`` in errors); pixels_for: the kinds whose images are decoded.
+    """
     mix = np.asarray(mix, np.float64)
     if mix.shape != (3,) or (mix < 0).any() or mix.sum() <= 0:
         raise ValueError(f"config train.mix={tuple(mix)}: expected 3 non-negative fractions "
@@ -728,6 +737,11 @@ def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.
     if text_tokenizer is None and not isinstance(src, SyntheticSource):
         raise ValueError(f"config train.text_tokenizer: the source train.data_dir={spec} needs the text tokenizer "
                          "(a converted checkpoint directory)")
+    field = f"config train.visual_ids_from={visual_ids_name!r}"
+    if visual_ids is not None and len(visual_ids) != len(src):
+        raise ValueError(f"{field} has {len(visual_ids)} records, train.data_dir={spec!r} has {len(src)} "
+                         "(precompute it from the same data)")
+    pixels_for = tuple(pixels_for)
 
     def load(i_rec):
         pos, i = i_rec
@@ -745,13 +759,23 @@ def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.
             return None
         u = np.random.default_rng([seed, pos]).random()
         kind = min(int(np.searchsorted(cum, u, side="right")), KIND_TEXT) if image is not None else KIND_TEXT
-        if kind == KIND_TEXT:
-            pixels = np.zeros((image_size, image_size, 3), np.float32)
-        else:
-            pixels = _pixels(src, i, image, image_size)
-            if pixels is None:
+        out = {"kind": kind, "text": text, "index": pos}
+        if visual_ids is not None:
+            vis = visual_records.decode_record(visual_ids[int(i)])
+            if isinstance(image, str | int) and vis.get("image") != image:
+                raise ValueError(f"{field}: record {int(i)} is for image {vis.get('image')!r}, train.data_dir "
+                                 f"record {int(i)} is {image!r} (precompute it from the same data)")
+            if kind != KIND_TEXT and vis["visual_ids"] is None:
+                _skip(src.where(int(i)), "no precomputed visual ids (unreadable when precomputed)")
                 return None
-        return {"kind": kind, "text": text, "pixels": pixels}
+            out["visual_ids"] = vis["visual_ids"] if kind != KIND_TEXT else np.zeros((0,), np.int32)
+        if kind == KIND_TEXT or kind not in pixels_for:
+            out["pixels"] = np.zeros((image_size, image_size, 3), np.float32)
+        else:
+            out["pixels"] = _pixels(src, i, image, image_size)
+            if out["pixels"] is None:
+                return None
+        return out
 
     # The kind is drawn per position in the global stream: independent of the process count.
     return sharded_batches(_indices(src, src.has_text, "text"), load, examples, seed, process_index=process_index,

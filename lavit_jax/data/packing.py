@@ -10,6 +10,9 @@ goes into the lowest-numbered row with room for it, else a new row. Per row:
   (the ``q_segment_ids`` / ``kv_segment_ids`` of ``lavit_jax.ops.attention.dot_product_attention``),
 - ``positions``: int32, 0, 1, ... restarting at every segment (0 in the padding).
 
+``items`` / ``max_items`` optionally cap what a row holds besides its slots (e.g. the images whose pixels
+travel with their row): sequence i counts ``items[i]`` and a row takes at most ``max_items`` in all.
+
 Sequences longer than ``L + 1`` tokens are truncated to their first ``L + 1`` tokens (``truncate=True``,
 the default) or rejected with a ValueError naming the sequence (``truncate=False``).
 """
@@ -38,17 +41,26 @@ def pack_sequences(
     num_rows: int | None = None,
     pad_id: int = 0,
     truncate: bool = True,
+    items: Sequence[int] | None = None,
+    max_items: int | None = None,
 ) -> dict[str, np.ndarray]:
     """sequences: 1-D int token arrays (n >= 2 tokens each) -> dict of [N, length] arrays (``PACKED_KEYS``).
 
     loss_weights: optional per-token weights, one array per sequence with its length; a target
     ``s[j]`` gets weight ``loss_weights[i][j]``. num_rows: pad the result with empty rows to exactly
     this many (ValueError if the sequences need more); by default N is the number of rows used.
+    items, max_items: per-sequence counts and the most a row holds (first fit also skips rows without room).
     """
     if length < 1:
         raise ValueError(f"length must be >= 1, got {length}")
     if loss_weights is not None and len(loss_weights) != len(sequences):
         raise ValueError(f"loss_weights: {len(loss_weights)} arrays for {len(sequences)} sequences")
+    counts = [0] * len(sequences) if items is None else [int(c) for c in items]
+    if len(counts) != len(sequences):
+        raise ValueError(f"items: {len(counts)} counts for {len(sequences)} sequences")
+    cap = float("inf") if max_items is None else int(max_items)
+    if any(c > cap for c in counts):
+        raise ValueError(f"items: a sequence counts {max(counts)}, more than max_items={cap}")
     pieces = []  # (tokens [n], weights [n]) after truncation
     for i, seq in enumerate(sequences):
         ids = _as_ids(seq, i)
@@ -67,15 +79,18 @@ def pack_sequences(
 
     # Greedy first fit: the lowest-numbered row with enough free slots.
     free: list[int] = []
+    held: list[int] = []  # items per row
     rows: list[list[int]] = []  # indices into pieces, in placement order
     for p, (ids, _) in enumerate(pieces):
-        need = len(ids) - 1
-        r = next((r for r, f in enumerate(free) if f >= need), None)
+        need, c = len(ids) - 1, counts[p]
+        r = next((r for r, f in enumerate(free) if f >= need and held[r] + c <= cap), None)
         if r is None:
             r = len(free)
             free.append(length)
+            held.append(0)
             rows.append([])
         free[r] -= need
+        held[r] += c
         rows[r].append(p)
 
     n = len(rows) if num_rows is None else num_rows

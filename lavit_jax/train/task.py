@@ -108,6 +108,7 @@ class Task:
 
     stage = ""
     train_keys: frozenset = frozenset()
+    host_only_keys: tuple = ()  # train.* keys read on the host only (runs differing in them share compilations)
     unit = "examples"  # throughput unit on the console: 'examples' (images) or 'tokens'
 
     def __init__(self, config: ml_collections.ConfigDict, mesh, rules):

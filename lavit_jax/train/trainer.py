@@ -231,24 +231,26 @@ def _fit(s: NamedSharding, a) -> NamedSharding:
     return NamedSharding(s.mesh, P(*spec))
 
 
-# train.* keys that change no traced computation (a run differing only in them reuses the compiled program).
-# (init_from is not among them: the detokenizer stage takes its model configs from it.)
+# train.* keys that change no traced computation (a run differing only in them reuses the compiled program);
+# a stage adds its own (``Task.host_only_keys``). (init_from is not among these: the detokenizer stage takes its
+# model configs from it.)
 HOST_ONLY_TRAIN_KEYS = ("workdir", "log_every", "save_every", "keep_checkpoints", "tensorboard", "data_workers",
                         "peak_tflops_per_device")
 
 
-def fingerprint(config) -> str:
+def fingerprint(config, host_only=()) -> str:
     d = config.to_dict()
     d.pop("mesh_shape", None)  # the resolved shape is part of the program key
-    d["train"] = {k: v for k, v in d["train"].items() if k not in HOST_ONLY_TRAIN_KEYS}
+    skip = set(HOST_ONLY_TRAIN_KEYS) | set(host_only)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in skip}
     return json.dumps(d, sort_keys=True, default=str)
 
 
 class Program:
     """The compiled parts of a run (task, mesh, optimizer, jitted init / create / step), cached per config.
 
-    Runs in one process whose configs differ only in ``HOST_ONLY_TRAIN_KEYS`` (a resumed run, tests)
-    reuse the compiled functions instead of compiling them again.
+    Runs in one process whose configs differ only in ``HOST_ONLY_TRAIN_KEYS`` and the stage's
+    ``host_only_keys`` (a resumed run, tests) reuse the compiled functions instead of compiling them again.
     """
 
     def __init__(self, task, mesh, rules):
@@ -312,7 +314,7 @@ def program(config, *, devices=None) -> Program:
     devices = list(devices) if devices is not None else jax.devices()
     shape = mesh_shape(config.mesh_shape, len(devices))
     check_batch(config.train, shape, jax.process_count())
-    key = (fingerprint(config), tuple(d.id for d in devices), shape)
+    key = (fingerprint(config, cls.host_only_keys), tuple(d.id for d in devices), shape)
     prog = _PROGRAMS.get(key)
     if prog is not None:
         prog.task.config, prog.task.tc = config, config.train  # host-only keys may differ
