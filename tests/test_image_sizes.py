@@ -62,7 +62,7 @@ def env(tmp_path_factory):
     y, x = np.mgrid[0:64, 0:64] / 64
     img = np.stack([np.sin(6 * x) * 0.5 + 0.5, np.cos(5 * y) * 0.5 + 0.5, (x * y) ** 0.5], -1)
     Image.fromarray((img * 255).astype(np.uint8)).save(base / "img.png")
-    return dict(ckpt=base / "converted", img=base / "img.png", base=base)
+    return dict(ckpt=base / "converted", img=base / "img.png", base=base, src=rel.root)
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +168,15 @@ def test_api_safety_checker_blacks_out_flagged_images(env, model):
     assert not np.asarray(flagged).any()
     plain = model.reconstruct(str(env["img"]), steps=1, safety_checker=False)
     assert plain.info["nsfw"] is False and np.asarray(plain).any()
+
+
+def test_converted_safety_checker_verifies_against_diffusers(env):
+    from lavit_jax.convert import verify
+
+    logs = []
+    assert verify.verify_safety_checker(str(env["src"]), str(env["ckpt"]), None, logs.append,
+                                        np.random.default_rng(0)), logs
+    assert any("safety_checker (image embeds)" in line and line.endswith("ok") for line in logs), logs
 
 
 # ------------------------------------------------------------------------------------------ CLI
