@@ -4,7 +4,8 @@
                                 [--sample] [--temperature T] [--top-p P] [--top-k K] [--repetition-penalty R]
     python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S] [--sample]
     python -m lavit_jax text2image PROMPT --out FILE.png [--decoder lowres|highres] [--steps N] [--guidance G]
-                                   [--llm-guidance G] [--seed S] [--size PX] --checkpoint DIR
+                                   [--llm-guidance G] [--seed S] [--size PX] [--width W] [--height H]
+                                   [--ratio R] [--no-safety-checker] --checkpoint DIR
     python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] [--keep argmax|sample] --checkpoint DIR
     python -m lavit_jax compose IMAGE PROMPT IMAGE --out FILE.png [same options as edit] --checkpoint DIR
     python -m lavit_jax reconstruct IMAGE --out FILE.png [--decoder] [--steps N] [--seed S] [--keep] --checkpoint DIR
@@ -14,6 +15,10 @@ must be a readable image), any other is text, in order. ``--num-images N`` (text
 compose) draws N images, image i from seed + i: written as numbered files next to ``--out``
 (``out.png`` -> ``out-1.png`` ... ``out-N.png``), or with ``--tile`` as one grid image at ``--out``
 (ceil(sqrt(N)) columns, left to right then top to bottom); ``--ids-out`` then holds [N, L] ids.
+Output size: ``--size`` (square), ``--width`` / ``--height``, or ``--ratio`` (the release's aspect-ratio
+table, ``inference/defaults.py``); ``--original-size`` / ``--crops-coords-top-left`` / ``--target-size``
+are the highres (SDXL) decoder's micro-conditioning. A checkpoint with a converted safety checker runs it on
+every image (flagged ones are written black, with a warning); ``--no-safety-checker`` skips it.
 ``--checkpoint`` defaults to $LAVIT_CHECKPOINT. Every argument is checked before any weights are
 read; unset sizes and token counts follow the checkpoint. ``--out`` never replaces an input image,
 and replaces another existing file only with ``--overwrite`` (written atomically). ``--keep``: the
@@ -47,6 +52,8 @@ from lavit_jax.inference.lavit import LaVIT
 DTYPES = {"float32": "float32", "f32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "f16": "float16", "fp16": "float16"}
 KEEP_MODES = ("argmax", "sample")
+MICRO = ("original_size", "crops_coords_top_left", "target_size")
+CLI_NAMES = {k: "--" + k.replace("_", "-") for k in defaults.API_NAMES}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -133,6 +140,23 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--size", type=_int(1, "must be a positive number of pixels"), default=None,
                         help="image side in pixels, a multiple of the decoder's downsampling factor (default: the "
                              "decoder's native size, from the checkpoint)")
+        sp.add_argument("--width", type=_int(1, "must be a positive number of pixels"), default=None,
+                        help="image width in pixels (default --size, else the decoder's native size)")
+        sp.add_argument("--height", type=_int(1, "must be a positive number of pixels"), default=None,
+                        help="image height in pixels (default --size, else the decoder's native size)")
+        sp.add_argument("--ratio", choices=tuple(defaults.ASPECT_RATIOS), default=None,
+                        help="aspect ratio, width:height, from the release's table (highres: its 1024-px sizes; "
+                             "lowres: scaled to its native size); excludes --size/--width/--height")
+        pair = _int(0, "must be >= 0")
+        sp.add_argument("--original-size", type=pair, nargs=2, metavar=("H", "W"), default=None,
+                        help="SDXL micro-conditioning, highres decoder only (default: the output size)")
+        sp.add_argument("--crops-coords-top-left", type=pair, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                        help="SDXL micro-conditioning, highres decoder only (default 0 0)")
+        sp.add_argument("--target-size", type=pair, nargs=2, metavar=("H", "W"), default=None,
+                        help="SDXL micro-conditioning, highres decoder only (default: the output size)")
+        sp.add_argument("--no-safety-checker", action="store_true",
+                        help="skip the safety checker (it runs when the checkpoint has one, blacking out flagged "
+                             "images with a warning)")
         sp.add_argument("--ids-out", default=None, help="also save the visual ids [B, N] (.npy) here")
         if task is not defaults.RECONSTRUCT:
             sp.add_argument("--num-images", type=positive, default=None,
@@ -242,18 +266,15 @@ def _check_writable(path: str, flag: str, overwrite: bool, inputs) -> None:
         raise PermissionError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from e
 
 
-def _decoder_factor(ckpt: str, manifest: dict, decoder: str | None) -> tuple[str, int] | None:
-    """(decoder the task will use, its image-size factor: VAE x UNet downsampling), None if not converted."""
+def _decoder_geometry(ckpt: str, manifest: dict, decoder: str | None) -> tuple[str, int, int] | None:
+    """(decoder the task will use, its native side, its image-size factor: VAE x UNet downsampling), None if not
+    converted."""
     if decoder is None:
         avail = checkpoint.available_decoders(ckpt)
         decoder = "highres" if "highres" in avail or not avail else "lowres"
-    folder = checkpoint.DECODER_FOLDERS[decoder]
-    if folder not in manifest.get("parts", {}):
+    if checkpoint.DECODER_FOLDERS[decoder] not in manifest.get("parts", {}):
         return None  # the task reports the missing part
-    root = os.path.join(ckpt, folder)
-    unet_cfg = checkpoint.read_unet_config(os.path.join(root, "unet_config.json"))
-    vae_cfg = checkpoint.read_vae_config(os.path.join(root, "vae_config.json"))
-    return decoder, 2 ** (len(vae_cfg.block_out_channels) - 1) * 2 ** (len(unet_cfg.block_out_channels) - 1)
+    return (decoder, *checkpoint.decoder_geometry(ckpt, decoder))
 
 
 def _compose_parts(parts) -> tuple[list, list]:
@@ -321,12 +342,15 @@ def _check_inputs(args) -> None:
         if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
             raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
         _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
-    if args.size is not None:
-        picked = _decoder_factor(args.checkpoint, manifest, args.decoder)
-        if picked is not None and args.size % picked[1]:
-            lo = max(picked[1], args.size // picked[1] * picked[1])
-            raise ValueError(f"--size {args.size}: must be a multiple of {picked[1]} for the {picked[0]} decoder "
-                             f"(its VAE and UNet downsampling), e.g. {lo} or {lo + picked[1]}")
+    picked = _decoder_geometry(args.checkpoint, manifest, args.decoder)
+    if picked is not None:
+        decoder, native, factor = picked
+        defaults.image_size(native=native, factor=factor, decoder=decoder, size=args.size, width=args.width,
+                            height=args.height, ratio=args.ratio, names=CLI_NAMES)
+        defaults.micro_conditioning(decoder, **_given(args, *MICRO), names=CLI_NAMES)
+    else:
+        defaults.image_size(native=1024, factor=1, decoder="", size=args.size, width=args.width, height=args.height,
+                            ratio=args.ratio, names=CLI_NAMES)  # the flags' consistency; the task names the part
     for flag in ("guidance", "llm_guidance"):
         value = getattr(args, flag, None)
         if value is not None and value < 0:
@@ -378,7 +402,13 @@ def run(args) -> None:
     if args.command == "vqa":
         print(model.vqa(args.image, args.question, progress=progress, **kw))
         return
-    kw = dict(return_ids=True, progress=progress, **_given(args, "decoder", "steps", "guidance", "seed", "size"))
+    kw = dict(return_ids=True, progress=progress,
+              **_given(args, "decoder", "steps", "guidance", "seed", "size", "width", "height", "ratio", *MICRO))
+    for key in MICRO:
+        if key in kw:
+            kw[key] = tuple(kw[key])
+    if args.no_safety_checker:
+        kw["safety_checker"] = False
     if args.command in ("text2image", "edit", "compose"):
         kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens", "num_images"))
     if args.command in ("edit", "compose", "reconstruct"):
@@ -393,6 +423,10 @@ def run(args) -> None:
         images, runs = model.reconstruct(args.image, **kw)
     if not isinstance(images, list):  # one draw
         images, runs = [images], [runs]
+    flagged = sum(bool(getattr(im, "info", {}).get("nsfw")) for im in images)
+    if flagged:
+        warn(f"the safety checker flagged {flagged} of {len(images)} image{'s' if len(images) > 1 else ''} as NSFW: "
+             "written black (--no-safety-checker skips the check)")
     paths = output_paths(args.out, len(images), args.tile) if args.command != "reconstruct" else [args.out]
     if len(paths) == 1 and len(images) > 1:
         images = [tile_images(images)]

@@ -9,6 +9,8 @@ Layout of a converted directory (``tools/convert_torch_weights.py`` writes it; `
     OUT/pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json,
                         uncond_embeddings.npy}
     OUT/highres_pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json}
+    OUT/safety_checker/{params/, config.json[, preprocessor_config.json]}   optional (the release's
+                        pixel_decoding/safety_checker + feature_extractor): diffusers' StableDiffusionSafetyChecker
 
 Repeated layers are stored stacked (the scanned layout, ``"layers": "stacked"`` in the manifest); a
 model built with ``scan_layers=False`` gets them unstacked at load time.
@@ -41,6 +43,7 @@ from lavit_jax.models.tokenizer import TOKENIZER_STACKS
 from lavit_jax.ops import scan
 from lavit_jax.ops.config import freeze
 
+SAFETY_CHECKER = "safety_checker"  # the optional part's folder
 MANIFEST = "lavit.json"
 FORMAT = "lavit-jax/1"
 # Diffusion decoders: name -> converted (and released) folder.
@@ -218,6 +221,16 @@ def available_decoders(ckpt_dir: str) -> list[str]:
     return [d for d, folder in DECODER_FOLDERS.items() if folder in parts and f"{d}_decoder" in vt.get("files", [])]
 
 
+def decoder_geometry(ckpt_dir: str, decoder: str) -> tuple[int, int]:
+    """(native image side in px: the UNet's ``sample_size`` (64 if unset) x the VAE factor, the factor image sides
+    must be multiples of: VAE x UNet downsampling) of a converted decoder, from its configs (no weights read)."""
+    root = os.path.join(ckpt_dir, DECODER_FOLDERS[decoder])
+    unet_cfg = read_unet_config(os.path.join(root, "unet_config.json"))
+    vae_cfg = read_vae_config(os.path.join(root, "vae_config.json"))
+    vae_factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
+    return (unet_cfg.sample_size or 64) * vae_factor, vae_factor * 2 ** (len(unet_cfg.block_out_channels) - 1)
+
+
 def load_pipeline(ckpt_dir: str, decoder: str, *, dtype=None, attention_impl: str | None = "xla",
                   scheduler_kind: str = "ddim") -> DiffusionPipeline:
     """The converted UNet (``dtype``, default: stored) + float32 VAE + scheduler of ``decoder``."""
@@ -249,3 +262,24 @@ def load_detokenizer(ckpt_dir: str, decoder: str, *, tokenizer: VisualTokenizer 
     if decoder == "lowres":
         uncond = np.load(os.path.join(ckpt_dir, DECODER_FOLDERS[decoder], "uncond_embeddings.npy"))
     return Detokenizer(vt.config, vt.params["quantize"]["embedding"], vt.decoder_params[decoder], pipe, decoder, uncond)
+
+
+def load_safety_checker(ckpt_dir: str):
+    """The converted safety checker (``inference.safety_checker.SafetyChecker``, float32, stacked layers)."""
+    from lavit_jax.convert import clip as convert_clip
+    from lavit_jax.inference import safety_checker as sc
+
+    part_entry(ckpt_dir, SAFETY_CHECKER, "the safety checker")
+    root = os.path.join(ckpt_dir, SAFETY_CHECKER)
+    config = convert_clip.load_clip_config(root)
+    model = sc.StableDiffusionSafetyChecker(config, dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=True)
+    pre = {}
+    if os.path.isfile(os.path.join(root, "preprocessor_config.json")):
+        with open(os.path.join(root, "preprocessor_config.json")) as f:
+            pre = json.load(f)
+    size = pre.get("size")
+    size = size.get("shortest_edge") if isinstance(size, dict) else size
+    crop = pre.get("crop_size")
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    return sc.SafetyChecker(model, load_tree(os.path.join(root, "params"), dtype=jnp.float32), size=size,
+                            crop_size=crop)

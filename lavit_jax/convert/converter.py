@@ -219,12 +219,46 @@ def convert_highres_pixel_decoding(src: str, out: str, tokenizer_config, dtype: 
     return convert_pixel_decoding(src, out, tokenizer_config, dtype, log, folder="highres_pixel_decoding")
 
 
+# The release keeps diffusers' safety checker (and its CLIP feature_extractor) under pixel_decoding/; both
+# decoders use it (``lavit_for_generation.py``, ``check_safety``).
+SAFETY_SOURCE = "pixel_decoding/safety_checker"
+FEATURE_EXTRACTOR_SOURCE = "pixel_decoding/feature_extractor"
+
+
+def convert_safety_checker(src: str, out: str, tokenizer_config, dtype: str, log) -> dict:
+    """pixel_decoding/safety_checker/ (transformers-style CLIP vision weights + concept embeddings, diffusers'
+    StableDiffusionSafetyChecker) [+ pixel_decoding/feature_extractor/] -> OUT/safety_checker/{params/,
+    config.json[, preprocessor_config.json]}, float32 (the checker's threshold test is precision-sensitive)."""
+    from lavit_jax.convert import clip as convert_clip
+    from lavit_jax.inference import safety_checker as sc
+
+    p_src = os.path.join(src, SAFETY_SOURCE)
+    p_out = os.path.join(out, checkpoint.SAFETY_CHECKER)
+    _require(p_src, ["config.json"])
+    config = convert_clip.load_clip_config(p_src)
+    model = sc.StableDiffusionSafetyChecker(config, scan_layers=True)
+    shapes = convert_clip.unrolled_param_shapes(model, *sc.init_args(config))
+    params = convert_clip.load_safety_checker_params(p_src, shapes, scan_layers=True)
+    os.makedirs(p_out, exist_ok=True)
+    save_tree(os.path.join(p_out, "params"), params)
+    shutil.copyfile(os.path.join(p_src, "config.json"), os.path.join(p_out, "config.json"))
+    files = ["params", "config.json"]
+    pre = os.path.join(src, FEATURE_EXTRACTOR_SOURCE, "preprocessor_config.json")
+    if os.path.isfile(pre):
+        shutil.copyfile(pre, os.path.join(p_out, "preprocessor_config.json"))
+        files.append("preprocessor_config.json")
+    return {"files": files}
+
+
 PARTS = {
     "visual_tokenizer": convert_visual_tokenizer,
     "language_model": convert_language_model,
     "pixel_decoding": convert_pixel_decoding,
     "highres_pixel_decoding": convert_highres_pixel_decoding,
+    checkpoint.SAFETY_CHECKER: convert_safety_checker,
 }
+# Where each part lives in the released directory (default: a folder of the part's name).
+PART_SOURCES = {checkpoint.SAFETY_CHECKER: SAFETY_SOURCE}
 
 
 # ------------------------------------------------------------------------------------------ preflight
@@ -456,12 +490,12 @@ def convert(src: str, out: str, tokenizer_config, dtype: str = "bfloat16", overw
     out = os.path.abspath(os.fspath(out))
     fsutil.check_disjoint(out, src)
     fsutil.check_output_dir(out, overwrite, is_converted_checkpoint, CHECKPOINT_KIND)
-    present = [p for p in PARTS if os.path.isdir(os.path.join(src, p))]
+    present = [p for p in PARTS if os.path.isdir(os.path.join(src, PART_SOURCES.get(p, p)))]
     absent = [p for p in PARTS if p not in present]
     if not present:
         raise FileNotFoundError(f"{src}: none of the released parts found ({', '.join(PARTS)})")
     for p in absent:
-        log(f"absent in source, not converted: {p}/")
+        log(f"absent in source, not converted: {PART_SOURCES.get(p, p)}/")
     tokenizer_config = freeze(tokenizer_config, scan_layers=True)  # stored in the stacked layout
     if "visual_tokenizer" in present:
         t = tokenizer_config

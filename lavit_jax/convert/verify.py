@@ -115,6 +115,31 @@ def verify_visual_tokenizer(src, out, tol, log, rng) -> bool:
     return _report("visual_tokenizer (params)", ours, ref, tol, log)
 
 
+def verify_safety_checker(src, out, tol, log, rng) -> bool:
+    """The converted checker's image embeddings (CLIP vision tower + projection, float32) and NSFW flags against
+    diffusers' StableDiffusionSafetyChecker on random CLIP inputs."""
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker as TorchChecker
+
+    from lavit_jax.convert.converter import SAFETY_SOURCE
+
+    checker = checkpoint.load_safety_checker(out)
+    v = checker.model.config.vision
+    x = rng.standard_normal((2, v.image_size, v.image_size, v.num_channels)).astype(np.float32)
+    res, state = checker.model.apply({"params": checker.params}, jnp.asarray(x),
+                                     capture_intermediates=lambda mdl, _: mdl.name == "visual_projection")
+    ours = state["intermediates"]["visual_projection"]["__call__"][0]
+    ref_model = TorchChecker.from_pretrained(os.path.join(src, SAFETY_SOURCE), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        xt = torch.tensor(x.transpose(0, 3, 1, 2))
+        ref = ref_model.visual_projection(ref_model.vision_model(xt)[1]).numpy()
+        _, ref_nsfw = ref_model(clip_input=xt, images=np.zeros((2, 4, 4, 3), np.float32))
+    ok = _report("safety_checker (image embeds)", ours, ref, TOLERANCE["float32"], log)
+    same = [bool(a) == bool(b) for a, b in zip(np.asarray(res["has_nsfw"]), ref_nsfw)]
+    log(f"verify safety_checker (nsfw flags): {'ok' if all(same) else 'FAIL'}")
+    return ok and all(same)
+
+
 def verify(src: str, out: str, manifest: dict, *, tolerance: float | None = None, log=print, seed: int = 0) -> bool:
     """Compares every converted part in ``manifest`` with its PyTorch original; True when all are within tolerance."""
     tol = tolerance if tolerance is not None else TOLERANCE.get(manifest.get("dtype", "float32"), 2e-2)
@@ -127,6 +152,8 @@ def verify(src: str, out: str, manifest: dict, *, tolerance: float | None = None
             ok &= verify_pixel_decoding(src, out, tol, log, rng, part)
         elif part == "visual_tokenizer":
             ok &= verify_visual_tokenizer(src, out, tol, log, rng)
+        elif part == checkpoint.SAFETY_CHECKER:
+            ok &= verify_safety_checker(src, out, tol, log, rng)
     if not ok:
         print("verify: some converted parts differ from their PyTorch originals beyond tolerance", file=sys.stderr)
     return bool(ok)

@@ -65,8 +65,16 @@ class Detokenizer:
         self.default_size = pipeline.default_size
 
     def condition(self, ids, lengths, *, height: int, width: int,
-                  original_size: tuple[int, int] | None = None) -> diffusion.GuidedCondition:
-        """ids [B, N] (LLM space), lengths [B] -> the [uncond; cond] UNet condition."""
+                  original_size: tuple[int, int] | None = None,
+                  crops_coords_top_left: tuple[int, int] | None = None,
+                  target_size: tuple[int, int] | None = None) -> diffusion.GuidedCondition:
+        """ids [B, N] (LLM space), lengths [B] -> the [uncond; cond] UNet condition. The SDXL micro-conditioning
+        (``original_size``, ``crops_coords_top_left``, ``target_size``) is the highres decoder's only."""
+        micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                     target_size=target_size)
+        if not self.highres and any(v is not None for v in micro.values()):
+            given = ", ".join(k for k, v in micro.items() if v is not None)
+            raise ValueError(f"{given}: SDXL micro-conditioning applies only to the highres decoder")
         ids = jnp.asarray(ids, jnp.int32)
         lengths = jnp.asarray(lengths, jnp.int32)
         if ids.ndim != 2 or lengths.shape != ids.shape[:1]:
@@ -74,18 +82,20 @@ class Detokenizer:
         out = token_condition(self.token_decoder, self.decoder_params, self.codebook, ids, lengths)
         if self.highres:
             prompt, pooled = out
-            return diffusion.highres_condition(prompt, pooled, height, width, original_size)
+            return diffusion.highres_condition(prompt, pooled, height, width, **micro)
         return diffusion.lowres_condition(out, self.uncond_embeddings)
 
     def generate(self, ids, lengths, *, steps: int = 25, guidance: float = 7.0, seed: int = 0,
                  size: int | tuple[int, int] | None = None, original_size: tuple[int, int] | None = None,
+                 crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
                  noise=None, progress: bool = False):
         """-> (images [B, H, W, 3] float32 in [0, 1], final latents). ``size``: int or (height, width);
         ``noise``: optional standard-normal initial latents [B, H/8, W/8, 4] instead of ``seed``."""
         if size is None:
             size = self.default_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        cond = self.condition(ids, lengths, height=height, width=width, original_size=original_size)
+        cond = self.condition(ids, lengths, height=height, width=width, original_size=original_size,
+                              crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         return self.pipeline.generate(cond, num_steps=steps, guidance_scale=guidance, seed=seed, height=height,
                                       width=width, noise=noise, progress=progress)
 

@@ -108,6 +108,7 @@ class LaVIT:
         self.low_memory = low_memory
         self.verbose = verbose
         self._cache: dict = {}
+        self.last_nsfw: list[bool] = []  # flags of the last decode_ids call (see decode_ids)
 
     @classmethod
     def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, dtype=None, attention_impl: str = "xla",
@@ -389,11 +390,45 @@ class LaVIT:
             min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, seed=seed, keep=keep,
             cap_to_prompt=cap_to_prompt, add_special=add_special, what="the multimodal prompt")
 
+    def _output_shape(self, decoder: str, *, size=None, width=None, height=None, ratio=None, original_size=None,
+                      crops_coords_top_left=None, target_size=None) -> dict:
+        """Checked output size and SDXL micro-conditioning of ``decoder`` -> keyword arguments of ``decode_ids``
+        (size (height, width) and the micro-conditioning given). See ``defaults.image_size``."""
+        native, factor = checkpoint.decoder_geometry(self.ckpt_dir, decoder)
+        hw = defaults.image_size(native=native, factor=factor, decoder=decoder, size=size, width=width,
+                                 height=height, ratio=ratio)
+        micro = defaults.micro_conditioning(decoder, original_size, crops_coords_top_left, target_size)
+        return dict(size=hw, **micro)
+
+    def has_safety_checker(self) -> bool:
+        return "safety_checker" in self.parts
+
+    @property
+    def safety_checker(self):
+        """The converted ``SafetyChecker`` (diffusers' StableDiffusionSafetyChecker) of the checkpoint."""
+        self.require("safety_checker", "the safety checker")
+        return self._cached("safety", lambda: checkpoint.load_safety_checker(self.ckpt_dir))
+
     def decode_ids(self, ids, lengths, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
-                   guidance: float = defaults.TEXT2IMAGE.guidance, seed: int = 0, size: int | None = None, noise=None,
-                   progress: bool = False) -> list:
-        """Visual ids [B, N] (LLM space) + lengths [B] -> list of B PIL images."""
+                   guidance: float = defaults.TEXT2IMAGE.guidance, seed: int = 0,
+                   size: int | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+                   ratio: str | None = None, original_size: tuple[int, int] | None = None,
+                   crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                   safety_checker: bool | None = None, noise=None, progress: bool = False) -> list:
+        """Visual ids [B, N] (LLM space) + lengths [B] -> list of B PIL images.
+
+        Size: ``size`` (int or (height, width)), ``width`` / ``height`` or ``ratio`` (``defaults.ASPECT_RATIOS``);
+        SDXL micro-conditioning (highres only): ``original_size``, ``crops_coords_top_left``, ``target_size``.
+        ``safety_checker`` (None: on when the checkpoint has one): flagged images are black; each image's
+        ``info["nsfw"]`` says whether it was flagged, and ``self.last_nsfw`` lists the flags of this call.
+        """
         detok = self.detokenizer(decoder)
+        shape = self._output_shape(detok.decoder, size=size, width=width, height=height, ratio=ratio,
+                                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                   target_size=target_size)
+        check = self.has_safety_checker() if safety_checker is None else bool(safety_checker)
+        if check:
+            self.require("safety_checker", "the safety checker (pass safety_checker=False to skip it)")
         cfg = detok.token_decoder.config
         capacity = (cfg.image_size // cfg.patch_size) ** 2
         ids, lengths = np.asarray(ids), np.asarray(lengths)
@@ -401,9 +436,17 @@ class LaVIT:
             if int(lengths.max()) > capacity:
                 raise ValueError(f"{int(lengths.max())} visual tokens: the pixel decoder takes at most {capacity}")
             ids = ids[:, :capacity]
-        images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, size=size, noise=noise,
-                                   progress=progress)
-        return to_pil(images)
+        images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, noise=noise,
+                                   progress=progress, **shape)
+        flags = [False] * len(images)
+        if check:
+            images, has_nsfw = self.safety_checker(images)
+            flags = [bool(f) for f in has_nsfw]
+        pil = to_pil(images)
+        for im, flag in zip(pil, flags):
+            im.info["nsfw"] = flag
+        self.last_nsfw = flags
+        return pil
 
     def _decode_stage(self, ids, lengths, stages, single, return_ids, **decode_kw):
         """The last stage of the image tasks: ids -> PIL image(s), optionally with (ids, lengths)."""
@@ -425,7 +468,11 @@ class LaVIT:
 
     def text2image(self, prompts, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
                    guidance: float = defaults.TEXT2IMAGE.guidance,
-                   llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance, seed: int = 0, size: int | None = None,
+                   llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance, seed: int = 0,
+                   size: int | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+                   ratio: str | None = None, original_size: tuple[int, int] | None = None,
+                   crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                   safety_checker: bool | None = None,
                    top_k: int = defaults.TEXT2IMAGE.top_k,
                    top_p: float = defaults.TEXT2IMAGE.top_p, temperature: float = defaults.TEXT2IMAGE.temperature,
                    min_new_tokens: int = defaults.TEXT2IMAGE.min_new_tokens,
@@ -435,11 +482,16 @@ class LaVIT:
         With ``return_ids`` also returns (ids, lengths) of the generated visual tokens.
 
         ``num_images`` > 1: that many images per prompt (a list; a list of lists for several prompts), image i
-        drawn from seed + i (it is what ``num_images=1, seed=seed + i`` gives); ids: a list of (ids, lengths)."""
+        drawn from seed + i (it is what ``num_images=1, seed=seed + i`` gives); ids: a list of (ids, lengths).
+        Size (``size`` / ``width`` / ``height`` / ``ratio``), SDXL micro-conditioning and ``safety_checker``: see
+        ``decode_ids`` (checked before any model work)."""
         prompts_, single = _as_list(prompts)
         _check_text(prompts_)
         _check_num_images(num_images)
         decoder = self._pick_decoder(decoder, "text2image")
+        shape = self._output_shape(decoder, size=size, width=width, height=height, ratio=ratio,
+                                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                   target_size=target_size)
         self.require("language_model", "text2image")
         stages = _Stages(["language model", "diffusion"], progress)
         runs = [self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
@@ -449,11 +501,16 @@ class LaVIT:
             self.release("llm")  # one stage in memory at a time
         stages.done(0)
         return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, size=size, progress=progress)
+                                  guidance=guidance, seed=seed, progress=progress,
+                                  safety_checker=safety_checker, **shape)
 
     def edit(self, images, prompts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
              guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance, seed: int = 0,
-             size: int | None = None, top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
+             size: int | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+             ratio: str | None = None, original_size: tuple[int, int] | None = None,
+             crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+             safety_checker: bool | None = None,
+             top_k: int = defaults.EDIT.top_k, top_p: float = defaults.EDIT.top_p,
              temperature: float = defaults.EDIT.temperature, min_new_tokens: int = defaults.EDIT.min_new_tokens,
              max_new_tokens: int = defaults.EDIT.max_new_tokens, keep: str = defaults.KEEP, cap_to_prompt: bool = True,
              num_images: int = 1, return_ids: bool = False, progress: bool = False):
@@ -465,6 +522,9 @@ class LaVIT:
         _check_text(texts)
         _check_num_images(num_images)
         decoder = self._pick_decoder(decoder, "edit")
+        shape = self._output_shape(decoder, size=size, width=width, height=height, ratio=ratio,
+                                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                   target_size=target_size)
         self.require("language_model", "edit")
         stages = _Stages(["language model", "diffusion"], progress)
         runs = [self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
@@ -474,11 +534,17 @@ class LaVIT:
             self.release("llm")  # one stage in memory at a time
         stages.done(0)
         return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, size=size, progress=progress)
+                                  guidance=guidance, seed=seed, progress=progress,
+                                  safety_checker=safety_checker, **shape)
 
     def generate_image(self, parts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
                        guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance,
-                       seed: int = 0, size: int | None = None, top_k: int = defaults.EDIT.top_k,
+                       seed: int = 0,
+                       size: int | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+                       ratio: str | None = None, original_size: tuple[int, int] | None = None,
+                       crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                       safety_checker: bool | None = None,
+                       top_k: int = defaults.EDIT.top_k,
                        top_p: float = defaults.EDIT.top_p, temperature: float = defaults.EDIT.temperature,
                        min_new_tokens: int = defaults.EDIT.min_new_tokens,
                        max_new_tokens: int = defaults.EDIT.max_new_tokens, keep: str = defaults.KEEP,
@@ -491,6 +557,9 @@ class LaVIT:
         _check_text([p for p in parts if isinstance(p, str)])
         _check_num_images(num_images)
         decoder = self._pick_decoder(decoder, "generate_image")
+        shape = self._output_shape(decoder, size=size, width=width, height=height, ratio=ratio,
+                                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                   target_size=target_size)
         self.require("language_model", "generate_image")
         if any(not isinstance(p, str) for p in parts):
             self.require("visual_tokenizer", "generate_image")
@@ -504,18 +573,27 @@ class LaVIT:
             self.release("llm")  # one stage in memory at a time
         stages.done(0)
         return self._decode_draws(runs, stages, True, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, size=size, progress=progress)
+                                  guidance=guidance, seed=seed, progress=progress,
+                                  safety_checker=safety_checker, **shape)
 
     def reconstruct(self, images, *, decoder: str | None = None, steps: int = defaults.RECONSTRUCT.steps,
-                    guidance: float = defaults.RECONSTRUCT.guidance, seed: int = 0, size: int | None = None,
+                    guidance: float = defaults.RECONSTRUCT.guidance, seed: int = 0,
+                    size: int | tuple[int, int] | None = None, width: int | None = None, height: int | None = None,
+                    ratio: str | None = None, original_size: tuple[int, int] | None = None,
+                    crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
+                    safety_checker: bool | None = None,
                     keep: str = defaults.KEEP, return_ids: bool = False, progress: bool = False):
         """Image(s) -> visual tokens -> PIL image(s) (tokenize then detokenize; no LLM). ``keep``/``seed``
         choose the token selector's decisions as for ``caption`` (``seed`` also seeds the diffusion noise)."""
         imgs, single = _as_list(images)
         decoder = self._pick_decoder(decoder, "reconstruct")
+        shape = self._output_shape(decoder, size=size, width=width, height=height, ratio=ratio,
+                                   original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                                   target_size=target_size)
         stages = _Stages(["tokenize", "diffusion"], progress)
         ids, lengths = self.visual_tokenizer.tokenize(imgs, add_special=False, mode=keep, seed=seed)
         ids, lengths = np.asarray(ids), np.asarray(lengths)
         stages.done(0)
         return self._decode_stage(ids, lengths, stages, single, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, size=size, progress=progress)
+                                  guidance=guidance, seed=seed, progress=progress,
+                                  safety_checker=safety_checker, **shape)

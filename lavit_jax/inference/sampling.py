@@ -9,7 +9,7 @@ LaVIT conditions (DESIGN.md "Token decoder"):
   negative is the stored ``uncond_embeddings.bin`` [1, L, 768] written into zero padding [B, 256, 768]
   with a mask that is true on its first L positions (``lowres_condition``).
 - high-res (SDXL UNet): negatives are zeros for both prompt embeds and pooled embeds; time ids
-  (orig_h, orig_w, 0, 0, h, w) for both halves (``highres_condition``).
+  (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for both halves (``highres_condition``).
 
 Progress bars: the default path is one compiled program with no host callback. With ``progress=True``
 the same loop body is compiled once as a single step (the step index is traced) and driven from
@@ -77,19 +77,25 @@ def lowres_condition(cond, uncond_embeddings) -> GuidedCondition:
 
 
 def sdxl_time_ids(batch: int, height: int, width: int, original_size: tuple[int, int] | None = None,
-                  crop_top_left: tuple[int, int] = (0, 0)):
-    """SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left, h, w) -> float32 [batch, 6]."""
+                  crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None):
+    """SDXL micro-conditioning -> float32 [batch, 6] in diffusers' ``_get_add_time_ids`` order
+    ``original_size + crops_coords_top_left + target_size`` = (orig_h, orig_w, crop_top, crop_left, target_h,
+    target_w). Defaults as the release: original = target = (height, width), crop (0, 0)."""
     oh, ow = original_size or (height, width)
-    row = jnp.asarray([oh, ow, crop_top_left[0], crop_top_left[1], height, width], jnp.float32)
+    top, left = crops_coords_top_left or (0, 0)
+    th, tw = target_size or (height, width)
+    row = jnp.asarray([oh, ow, top, left, th, tw], jnp.float32)
     return jnp.broadcast_to(row, (batch, 6))
 
 
 def highres_condition(prompt_embeds, pooled, height: int, width: int,
-                      original_size: tuple[int, int] | None = None) -> GuidedCondition:
+                      original_size: tuple[int, int] | None = None,
+                      crops_coords_top_left: tuple[int, int] | None = None,
+                      target_size: tuple[int, int] | None = None) -> GuidedCondition:
     """SDXL condition. prompt_embeds [B, S, D], pooled [B, P]; zero negatives, shared time ids."""
     prompt_embeds, pooled = jnp.asarray(prompt_embeds), jnp.asarray(pooled)
     b = prompt_embeds.shape[0]
-    ids = sdxl_time_ids(b, height, width, original_size)
+    ids = sdxl_time_ids(b, height, width, original_size, crops_coords_top_left, target_size)
     return GuidedCondition(
         context=jnp.concatenate([jnp.zeros_like(prompt_embeds), prompt_embeds]),
         text_embeds=jnp.concatenate([jnp.zeros_like(pooled), pooled]),
