@@ -26,6 +26,7 @@ from lavit_jax import __main__ as cli
 from lavit_jax import checkpoint
 from lavit_jax.convert import tokenizer as CT
 from lavit_jax.convert import verify as verify_conversion
+from lavit_jax.data.image_io import preprocess
 from lavit_jax.data.text_tokenizer import load_text_tokenizer
 from lavit_jax.inference import llm_tasks
 from lavit_jax.inference.lavit import CheckpointPartError, LaVIT
@@ -240,6 +241,10 @@ def test_cli_reconstruct_and_python_api(env, capsys):
     # the Python API gives the same image
     model = LaVIT.from_pretrained(env["out"])
     image = model.reconstruct(Image.open(env["img"]), steps=STEPS, guidance=GUIDANCE, size=SIZE, seed=SEED)
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(out_png).convert("RGB")))
+    # ... and so do pre-normalised [3, S, S] pixels (what the release's processor hands its methods)
+    pixels = preprocess(Image.open(env["img"]), model.visual_tokenizer.config.image_size)[0].transpose(2, 0, 1)
+    image = model.reconstruct(pixels, steps=STEPS, guidance=GUIDANCE, size=SIZE, seed=SEED)
     np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(out_png).convert("RGB")))
 
 

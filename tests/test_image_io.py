@@ -66,3 +66,33 @@ def _png_bytes():
     buf = io.BytesIO()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_prenormalised_arrays_pass_through_and_ambiguous_batches_are_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    ref = preprocess(img, 16)  # [1, 16, 16, 3]
+    nchw = np.transpose(ref, (0, 3, 1, 2)).copy()  # what the reference's processor hands its methods
+    np.testing.assert_array_equal(preprocess(nchw, 16), ref)
+    np.testing.assert_array_equal(preprocess([nchw[0], img], 16), np.concatenate([ref, ref]))
+    with pytest.raises(ImageInputError, match=r"expected \[B, 3, 16, 16\]"):
+        preprocess(np.zeros((2, 3, 8, 8), np.float32), 16)
+    with pytest.raises(ImageInputError, match="ambiguous"):
+        preprocess(np.zeros((2, 3, 16, 3), np.float32), 16)
+    with pytest.raises(ImageInputError, match="pre-normalised"):
+        preprocess(np.zeros((3, 8, 8), np.float32), 16)  # channel first at another size
+    bad = nchw[0].copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ImageInputError, match="NaN"):
+        preprocess(bad, 16)
+
+
+def test_api_takes_a_prenormalised_batch_as_a_batch():
+    from lavit_jax.inference.lavit import _as_list
+
+    batch = np.zeros((2, 3, 224, 224), np.float32)
+    items, single = _as_list(batch)
+    assert not single and len(items) == 2 and items[0].shape == (3, 224, 224)
+    assert _as_list("cat.jpg") == (["cat.jpg"], True)
+    with pytest.raises(ImageInputError, match="ambiguous"):
+        _as_list(np.zeros((2, 3, 224, 3), np.float32))

@@ -2,6 +2,10 @@
 
 Resize is PIL bicubic to (size, size) without crop (what the reference's torchvision ``Resize`` does
 on a PIL image), then /255 and CLIP mean/std. Grayscale, palette and RGBA inputs become RGB.
+
+Pre-normalised input, as the reference's methods accept tensors: a float array [3, size, size]
+(channel first, already resized and CLIP-normalised), or a batch [B, 3, size, size], is used as it
+is (transposed to NHWC). A batch whose layout cannot be told apart ([B, 3, W, 3]) is refused.
 """
 
 from __future__ import annotations
@@ -52,7 +56,8 @@ def load_image(x) -> Image.Image:
         if arr.ndim == 3 and arr.shape[-1] == 1:
             arr = arr[..., 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
-            raise ImageInputError(f"not an image array (expected HxW or HxWx3/4): {_describe(x)}")
+            raise ImageInputError(f"not an image array (expected HxW or HxWx3/4, or a pre-normalised float "
+                                  f"[3, S, S] at the model's image size S): {_describe(x)}")
         if np.issubdtype(arr.dtype, np.floating):
             if not np.all(np.isfinite(arr)):
                 raise ImageInputError(f"image array has NaN or inf values: {_describe(x)}")
@@ -71,9 +76,30 @@ def load_image(x) -> Image.Image:
     return img
 
 
+def is_prenormalised(x, size: int) -> bool:
+    """Whether ``x`` is one pre-normalised image: a float array [3, size, size] (see the module docstring)."""
+    return (isinstance(x, np.ndarray) and x.ndim == 3 and x.shape == (3, size, size)
+            and np.issubdtype(x.dtype, np.floating))
+
+
+def check_batch_layout(x) -> None:
+    """Refuses a 4-D array whose layout is ambiguous ([B, 3, W, 3]: NCHW or NHWC)."""
+    if isinstance(x, np.ndarray) and x.ndim == 4 and x.shape[1] == 3 and x.shape[3] == 3:
+        raise ImageInputError(f"ambiguous image batch: {_describe(x)} could be [B, 3, H, W] (pre-normalised) or "
+                              "[B, H, W, 3] (images); pass a list of images or a [B, 3, size, size] array")
+
+
 def preprocess(images, size: int = 224) -> np.ndarray:
-    """One image or a sequence of images -> [B, size, size, 3] float32, CLIP-normalised."""
+    """One image or a sequence of images -> [B, size, size, 3] float32, CLIP-normalised.
+
+    Pre-normalised [3, size, size] / [B, 3, size, size] float arrays pass through (transposed)."""
+    if not isinstance(images, np.ndarray) and hasattr(images, "__array__") and getattr(images, "ndim", 0) >= 3:
+        images = np.asarray(images)  # a jax array
     if isinstance(images, np.ndarray) and images.ndim == 4:
+        check_batch_layout(images)
+        if images.shape[1] == 3 and images.shape[-1] != 3 and images.shape[2:] != (size, size):
+            raise ImageInputError(f"pre-normalised image batch {_describe(images)}: expected [B, 3, {size}, {size}] "
+                                  f"(the model's image size {size})")
         images = list(images)
     elif not isinstance(images, list | tuple):
         images = [images]
@@ -81,6 +107,13 @@ def preprocess(images, size: int = 224) -> np.ndarray:
         raise ImageInputError("no images given")
     out = np.empty((len(images), size, size, 3), np.float32)
     for i, x in enumerate(images):
+        if not isinstance(x, np.ndarray) and hasattr(x, "__array__") and getattr(x, "ndim", 0) == 3:
+            x = np.asarray(x)  # a jax array
+        if is_prenormalised(x, size):
+            if not np.all(np.isfinite(x)):
+                raise ImageInputError(f"pre-normalised image has NaN or inf values: {_describe(x)}")
+            out[i] = np.transpose(x, (1, 2, 0))
+            continue
         img = load_image(x).resize((size, size), Image.BICUBIC)
         out[i] = (np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
     return out

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from lavit_jax import checkpoint, compile_cache, vocab
 from lavit_jax.checkpoint import DECODER_FOLDERS, CheckpointPartError
+from lavit_jax.data import image_io
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults, llm_tasks
 from lavit_jax.inference.sampling import to_pil
@@ -37,8 +38,13 @@ __all__ = ["LaVIT", "CheckpointPartError"]
 
 
 def _as_list(x):
-    """(list of inputs, whether a single input was given)."""
+    """(list of inputs, whether a single input was given). A 4-D array is a batch (e.g. pre-normalised
+    [B, 3, 224, 224] pixels, as the release's methods take tensors)."""
     if isinstance(x, list | tuple):
+        return list(x), False
+    if hasattr(x, "__array__") and getattr(x, "ndim", 0) == 4:
+        x = np.asarray(x)
+        image_io.check_batch_layout(x)
         return list(x), False
     return [x], True
 
