@@ -40,6 +40,7 @@ import secrets
 import sys
 
 import numpy as np
+from absl import flags
 from absl import logging as absl_logging
 from PIL import Image
 from tqdm import std as tqdm_std
@@ -490,9 +491,13 @@ def _is_oom(e: BaseException) -> bool:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     verbosity = absl_logging.get_verbosity()
+    threshold = flags.FLAGS["stderrthreshold"].value
     if args.verbose:
         absl_logging.use_absl_handler()
         absl_logging.set_verbosity(absl_logging.INFO)
+        # once absl flags count as parsed (an absl app, Grain workers), INFO goes to a log file unless this says
+        # stderr
+        absl_logging.set_stderrthreshold("info")
     else:
         absl_logging.set_verbosity(absl_logging.WARNING)
     stderr = sys.stderr
@@ -517,6 +522,7 @@ def main(argv=None) -> int:
             sys.stderr.write("\n")  # the last redraw
             sys.stderr = stderr
         absl_logging.set_verbosity(verbosity)
+        absl_logging.set_stderrthreshold(threshold)
     if error is not None:
         print(error, file=sys.stderr)
         return 2

@@ -7,8 +7,6 @@ that only need the argument checks replace ``LaVIT.from_pretrained`` with a reco
 that comes too late shows up as a model load); the others run the real tasks on the tiny checkpoint.
 """
 
-import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -30,43 +28,12 @@ from tqdm import std as tqdm_std
 import eval as lavit_eval  # the repository's eval.py
 from lavit_jax import __main__ as cli
 from lavit_jax.inference.lavit import LaVIT
+from tests.cli_helpers import convert, converted_any, digest, error_line
 from tests.conftest import REPO
 from tests.released_fixture import build_released
 from tools import convert_torch_weights as conv
 
 TINY = str(REPO / "configs" / "tiny.py")
-
-
-def digest(root):
-    root = os.fspath(root)
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def convert(*argv):
-    """tools/convert_torch_weights.py in-process -> (rc, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = conv.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def error_line(err: str) -> str:
-    """The one error line of a failed run's stderr (asserting there is exactly one, and it is the last)."""
-    lines = [ln for ln in err.split("\n") if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], err[-3000:]
-    assert "Traceback" not in err
-    return errors[0]
-
-
-def converted_any(log: str) -> bool:
-    return re.search(r"^converted \w+/ in", log, re.M) is not None
 
 
 def can_create_file(folder) -> bool:

@@ -10,13 +10,9 @@ dropped privilege), then runs ``tools/convert_torch_weights.py``'s ``main``; the
 each on its own output directory, all reading one shared source.
 """
 
-import contextlib
-import hashlib
-import io
 import json
 import os
 import pathlib
-import re
 import shutil
 import subprocess
 import sys
@@ -24,9 +20,9 @@ import tempfile
 
 import pytest
 
+from tests.cli_helpers import convert, converted_any, digest, error_line
 from tests.conftest import REPO
 from tests.released_fixture import build_released
-from tools import convert_torch_weights as conv
 
 TINY = str(REPO / "configs" / "tiny.py")
 NOBODY = 65534
@@ -108,37 +104,6 @@ FAULTS = {
     "disk_full": ({"kind": "file_size_limit", "bytes": 200_000}, True),
     "read_only_output_dir": ({"kind": "read_only"}, True),
 }
-
-
-def digest(root) -> dict:
-    root = os.fspath(root)
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = hashlib.sha256(fh.read()).hexdigest()
-    return out
-
-
-def convert(*argv):
-    """tools/convert_torch_weights.py in-process -> (rc, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = conv.main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def error_line(text: str) -> str:
-    lines = [ln for ln in text.split("\n") if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], text[-3000:]
-    assert "Traceback" not in text
-    return errors[0]
-
-
-def converted_any(log: str) -> bool:
-    return re.search(r"^converted \w+/ in", log, re.M) is not None
 
 
 def link_tree(src, dst):

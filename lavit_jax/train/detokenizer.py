@@ -114,10 +114,6 @@ class DetokenizerTask(Task):
             self.tc.data_dir, self.tok_config.image_size, self.resolution, local_batch, self.tc.seed,
             process_index=process_index, process_count=process_count, workers=self.tc.get("data_workers", 0))
 
-    def host_metrics(self):
-        n = input_pipeline.skipped_images()
-        return {"skipped_images": n} if n else {}
-
     def load_init(self, params):
         src = self.tc.init_from
         if not src:

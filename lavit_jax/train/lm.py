@@ -434,7 +434,7 @@ class LMTask(Task):
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def host_metrics(self):
-        out = {"dropped_sequences": self._dropped}
+        out = dict(super().host_metrics(), dropped_sequences=self._dropped)
         self._dropped = 0
         return out
 

@@ -22,6 +22,7 @@ import optax
 from flax import struct
 from flax.core import meta
 
+from lavit_jax.data import input_pipeline
 from lavit_jax.ops import sharding
 
 # train.* keys every stage reads (the stages add their own in ``Task.train_keys``).
@@ -133,8 +134,10 @@ class Task:
         return host_batch
 
     def host_metrics(self) -> dict:
-        """Host-side counters since the last call (e.g. dropped sequences), merged into the logged metrics."""
-        return {}
+        """Host-side counters merged into the logged metrics; default: the unreadable images skipped so far
+        (``input_pipeline.skipped_images``), when there are any."""
+        n = input_pipeline.skipped_images()
+        return {"skipped_images": n} if n else {}
 
     def load_init(self, params):
         """Overlays a converted checkpoint (``train.init_from``) on freshly initialised params."""

@@ -233,10 +233,6 @@ class TokenizerTask(Task):
     def prepare(self, host_batch):
         return {"pixels": host_batch}
 
-    def host_metrics(self):
-        n = input_pipeline.skipped_images()
-        return {"skipped_images": n} if n else {}
-
     def load_init(self, params):
         """Overwrites the tokenizer part of ``params`` with a converted checkpoint (train.init_from)."""
         src = self.tc.init_from

@@ -337,8 +337,15 @@ def train(config, max_steps: int | None = None, *, devices=None, log=None):
     ``max_steps``: stop after this many steps in this run (a checkpoint is saved there). ``devices``:
     the mesh's devices (default all; tests pass one device for the single-device reference).
     """
+    ckpt_lib.quiet_orbax()  # Orbax's INFO/WARNING logging off for this run only
+    try:
+        return _train(config, max_steps, devices=devices, log=log)
+    finally:
+        ckpt_lib.quiet_orbax(verbose=True)
+
+
+def _train(config, max_steps, *, devices, log):
     log = log or (lambda msg: print(msg, flush=True))
-    ckpt_lib.quiet_orbax()
     prog = program(config, devices=devices)
     task, mesh, rules = prog.task, prog.mesh, prog.rules
     tc = task.tc
