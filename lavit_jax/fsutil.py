@@ -16,6 +16,7 @@ Nothing here deletes a path it did not create, or a directory ``replaceable`` do
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -264,7 +265,9 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, replaceable: Callable
         try:
             yield tmp
         except BaseException:
-            _remove_soon(tmp)
+            _remove_soon(tmp, attempts=100)
+            if os.path.lexists(tmp):  # writer threads still adding files: remove it once they have ended
+                atexit.register(shutil.rmtree, tmp, ignore_errors=True)
             raise
         if os.path.lexists(out):
             old = os.path.join(parent, f".{name}.{OLD}-{secrets.token_hex(4)}")
