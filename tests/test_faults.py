@@ -238,6 +238,10 @@ def _garbage(path):
     rewrite(path, os.urandom(4096))
 
 
+def _garbage_pickle(path):  # passes a header check: a legacy pickle starts with this opcode
+    rewrite(path, b"\x80\x02" + os.urandom(4094))
+
+
 def _empty(path):
     rewrite(path, b"")
 
@@ -261,6 +265,7 @@ CORRUPTIONS = [
     ("language_model/visual_weight.bin", _truncate),
     ("pixel_decoding/unet/diffusion_pytorch_model.bin", _truncate),
     ("pixel_decoding/uncond_embeddings.bin", _garbage),
+    ("pixel_decoding/uncond_embeddings.bin", _garbage_pickle),
     ("highres_pixel_decoding/unet/diffusion_pytorch_model.safetensors", _truncate),
     ("highres_pixel_decoding/vae/config.json", _bad_json),
     ("highres_pixel_decoding/scheduler/scheduler_config.json", _delete),

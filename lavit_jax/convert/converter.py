@@ -179,16 +179,7 @@ def convert_pixel_decoding(src: str, out: str, tokenizer_config, dtype: str, log
     highres = DIFFUSION_FOLDERS[folder]
     p_src = os.path.join(src, folder)
     p_out = os.path.join(out, folder)
-    need = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
-    if not highres:
-        need.append("uncond_embeddings.bin")
-    _require(p_src, need)
-    unet_cfg = checkpoint.read_unet_config(os.path.join(p_src, "unet"))
-    vae_cfg = checkpoint.read_vae_config(os.path.join(p_src, "vae"))
-    checkpoint.read_scheduler_config(os.path.join(p_src, "scheduler"), kind="ddim")  # validates
-    if highres != (unet_cfg.get("addition_embed_type") == "text_time"):
-        raise ValueError(f"{p_src}/unet/config.json: expected an {'SDXL' if highres else 'SD-1.5'}-style UNet "
-                         f"(addition_embed_type {'text_time' if highres else 'none'})")
+    unet_cfg, vae_cfg, uncond = check_pixel_decoding(p_src, highres)
     os.makedirs(p_out, exist_ok=True)
     steps = ["unet", "vae", "scheduler"] + ([] if highres else ["uncond_embeddings"])
     for step in _bar(steps, folder, "part"):
@@ -206,13 +197,33 @@ def convert_pixel_decoding(src: str, out: str, tokenizer_config, dtype: str, log
             shutil.copyfile(os.path.join(p_src, "scheduler", "scheduler_config.json"),
                             os.path.join(p_out, "scheduler_config.json"))
         else:
-            u = convert_diffusers.load_uncond_embeddings(os.path.join(p_src, "uncond_embeddings.bin"))
-            width = unet_cfg.cross_attention_dim[0]
-            if u.shape[-1] != width:
-                raise ValueError(f"{p_src}/uncond_embeddings.bin: width {u.shape[-1]} != UNet cross_attention_dim "
-                                 f"{width}")
-            np.save(os.path.join(p_out, "uncond_embeddings.npy"), u.astype(np.float32))
+            np.save(os.path.join(p_out, "uncond_embeddings.npy"), uncond.astype(np.float32))
     return {"files": steps, "highres": highres}
+
+
+def check_pixel_decoding(p_src: str, highres: bool):
+    """Checks a diffusion folder's files and configs -> (unet config, vae config, uncond embeddings [L, D] or
+    None for SDXL). The uncond embeddings (a small bare tensor) are read whole: a corrupt file is named here,
+    before anything is converted."""
+    need = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    if not highres:
+        need.append("uncond_embeddings.bin")
+    _require(p_src, need)
+    unet_cfg = checkpoint.read_unet_config(os.path.join(p_src, "unet"))
+    vae_cfg = checkpoint.read_vae_config(os.path.join(p_src, "vae"))
+    checkpoint.read_scheduler_config(os.path.join(p_src, "scheduler"), kind="ddim")  # validates
+    if highres != (unet_cfg.get("addition_embed_type") == "text_time"):
+        raise ValueError(f"{p_src}/unet/config.json: expected an {'SDXL' if highres else 'SD-1.5'}-style UNet "
+                         f"(addition_embed_type {'text_time' if highres else 'none'})")
+    if highres:
+        return unet_cfg, vae_cfg, None
+    path = os.path.join(p_src, "uncond_embeddings.bin")
+    check_weight_file(path)
+    uncond = convert_diffusers.load_uncond_embeddings(path)
+    width = unet_cfg.cross_attention_dim[0]
+    if uncond.shape[-1] != width:
+        raise ValueError(f"{path}: width {uncond.shape[-1]} != UNet cross_attention_dim {width}")
+    return unet_cfg, vae_cfg, uncond
 
 
 def convert_highres_pixel_decoding(src: str, out: str, tokenizer_config, dtype: str, log) -> dict:
@@ -452,21 +463,10 @@ def preflight(src: str, parts, tokenizer_config, config_name: str = "the tokeniz
         if folder not in parts:
             continue
         p_src = os.path.join(src, folder)
-        need = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
-        if not highres:
-            need.append("uncond_embeddings.bin")
-        _require(p_src, need)
-        unet_cfg = checkpoint.read_unet_config(os.path.join(p_src, "unet"))
-        checkpoint.read_vae_config(os.path.join(p_src, "vae"))
-        checkpoint.read_scheduler_config(os.path.join(p_src, "scheduler"), kind="ddim")
-        if highres != (unet_cfg.get("addition_embed_type") == "text_time"):
-            raise ValueError(f"{p_src}/unet/config.json: expected an {'SDXL' if highres else 'SD-1.5'}-style UNet "
-                             f"(addition_embed_type {'text_time' if highres else 'none'})")
+        check_pixel_decoding(p_src, highres)
         for sub in ("unet", "vae"):
             for path in _diffusers_weight_files(os.path.join(p_src, sub)):
                 check_weight_file(path)
-        if not highres:
-            check_weight_file(os.path.join(p_src, "uncond_embeddings.bin"))
 
 
 DTYPES = ("bfloat16", "float32")
