@@ -472,6 +472,16 @@ class LaVIT:
         images = per_prompt[0] if single else per_prompt
         return (images, runs) if return_ids else images
 
+    def _draw_and_decode(self, draw, num_images, single, return_ids, progress, **decode_kw):
+        """Runs ``draw(i)`` -> (ids, lengths) for i < ``num_images`` (the LLM stage), frees the LLM in
+        ``low_memory`` mode, then decodes every draw (``_decode_draws``)."""
+        stages = _Stages(["language model", "diffusion"], progress)
+        runs = [draw(i) for i in range(num_images)]
+        if self.low_memory:
+            self.release("llm")  # one stage in memory at a time
+        stages.done(0)
+        return self._decode_draws(runs, stages, single, return_ids, progress=progress, **decode_kw)
+
     def text2image(self, prompts, *, decoder: str | None = None, steps: int = defaults.TEXT2IMAGE.steps,
                    guidance: float = defaults.TEXT2IMAGE.guidance,
                    llm_guidance: float = defaults.TEXT2IMAGE.llm_guidance, seed: int = 0,
@@ -499,16 +509,12 @@ class LaVIT:
                                    original_size=original_size, crops_coords_top_left=crops_coords_top_left,
                                    target_size=target_size)
         self.require("language_model", "text2image")
-        stages = _Stages(["language model", "diffusion"], progress)
-        runs = [self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
-                                    temperature=temperature, min_new_tokens=min_new_tokens,
-                                    max_new_tokens=max_new_tokens, seed=seed + i) for i in range(num_images)]
-        if self.low_memory:
-            self.release("llm")  # one stage in memory at a time
-        stages.done(0)
-        return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, progress=progress,
-                                  safety_checker=safety_checker, **shape)
+        return self._draw_and_decode(
+            lambda i: self.text2image_ids(prompts_, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                                          temperature=temperature, min_new_tokens=min_new_tokens,
+                                          max_new_tokens=max_new_tokens, seed=seed + i),
+            num_images, single, return_ids, progress, decoder=decoder, steps=steps, guidance=guidance, seed=seed,
+            safety_checker=safety_checker, **shape)
 
     def edit(self, images, prompts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
              guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance, seed: int = 0,
@@ -532,16 +538,13 @@ class LaVIT:
                                    original_size=original_size, crops_coords_top_left=crops_coords_top_left,
                                    target_size=target_size)
         self.require("language_model", "edit")
-        stages = _Stages(["language model", "diffusion"], progress)
-        runs = [self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
-                              temperature=temperature, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens,
-                              seed=seed + i, keep=keep, cap_to_prompt=cap_to_prompt) for i in range(num_images)]
-        if self.low_memory:
-            self.release("llm")  # one stage in memory at a time
-        stages.done(0)
-        return self._decode_draws(runs, stages, single, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, progress=progress,
-                                  safety_checker=safety_checker, **shape)
+        return self._draw_and_decode(
+            lambda i: self.edit_ids(imgs, texts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                                    temperature=temperature, min_new_tokens=min_new_tokens,
+                                    max_new_tokens=max_new_tokens, seed=seed + i, keep=keep,
+                                    cap_to_prompt=cap_to_prompt),
+            num_images, single, return_ids, progress, decoder=decoder, steps=steps, guidance=guidance, seed=seed,
+            safety_checker=safety_checker, **shape)
 
     def generate_image(self, parts, *, decoder: str | None = None, steps: int = defaults.EDIT.steps,
                        guidance: float = defaults.EDIT.guidance, llm_guidance: float = defaults.EDIT.llm_guidance,
@@ -569,18 +572,13 @@ class LaVIT:
         self.require("language_model", "generate_image")
         if any(not isinstance(p, str) for p in parts):
             self.require("visual_tokenizer", "generate_image")
-        stages = _Stages(["language model", "diffusion"], progress)
-        runs = [self.generate_image_ids(parts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
-                                        temperature=temperature, min_new_tokens=min_new_tokens,
-                                        max_new_tokens=max_new_tokens, seed=seed + i, keep=keep,
-                                        cap_to_prompt=cap_to_prompt, add_special=add_special)
-                for i in range(num_images)]
-        if self.low_memory:
-            self.release("llm")  # one stage in memory at a time
-        stages.done(0)
-        return self._decode_draws(runs, stages, True, return_ids, decoder=decoder, steps=steps,
-                                  guidance=guidance, seed=seed, progress=progress,
-                                  safety_checker=safety_checker, **shape)
+        return self._draw_and_decode(
+            lambda i: self.generate_image_ids(parts, llm_guidance=llm_guidance, top_k=top_k, top_p=top_p,
+                                              temperature=temperature, min_new_tokens=min_new_tokens,
+                                              max_new_tokens=max_new_tokens, seed=seed + i, keep=keep,
+                                              cap_to_prompt=cap_to_prompt, add_special=add_special),
+            num_images, True, return_ids, progress, decoder=decoder, steps=steps, guidance=guidance, seed=seed,
+            safety_checker=safety_checker, **shape)
 
     def reconstruct(self, images, *, decoder: str | None = None, steps: int = defaults.RECONSTRUCT.steps,
                     guidance: float = defaults.RECONSTRUCT.guidance, seed: int = 0,
