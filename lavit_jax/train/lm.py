@@ -77,7 +77,7 @@ from lavit_jax.models import llama
 from lavit_jax.models.tokenizer import DynamicVisualTokenizer, compact, keep_decisions
 from lavit_jax.ops.collectives import BATCH_AXES, vocab_parallel_cross_entropy
 from lavit_jax.ops.config import freeze
-from lavit_jax.train.task import Task, global_batch
+from lavit_jax.train.task import Task, count_params, global_batch
 
 _MASKED_LOGIT = -1e30
 UNDERSTANDING = ("continuous", "discrete")
@@ -501,14 +501,15 @@ class LMTask(Task):
 
     def flops_per_step(self, batch_size, counts):
         lc, t = self.llm_config, self.tc.seq_len
-        n = _size(llama.param_specs(self.llm_config)) - lc.vocab_size * lc.hidden_size  # the lookup is no matmul
+        n = count_params(llama.param_specs(self.llm_config))["train"]
+        n -= lc.vocab_size * lc.hidden_size  # the embedding lookup is no matmul
         attention = 12 * lc.num_hidden_layers * lc.num_attention_heads * lc.head_dim * t
         flops = float((6 * n + attention) * t * batch_size)
         if self.continuous:  # every image slot: encoder forward, merger + projector forward and backward
             s = self.tok_config.image_size
             vis = jax.eval_shape(lambda: self.und_model.init(jax.random.key(0), jnp.zeros((1, s, s, 3))))["params"]
-            trained = sum(_size(vis[k]) for k in TRAINED_VISUAL)
-            per_image = 2 * _size(vis["encoder"]) * (self.n_patches + 1) + 6 * trained * self.n_patches
+            trained = sum(count_params(vis[k])["train"] for k in TRAINED_VISUAL)
+            per_image = 2 * count_params(vis["encoder"])["train"] * (self.n_patches + 1) + 6 * trained * self.n_patches
             flops += float(per_image * batch_size * int(self.tc.get("images_per_row", 4)))
         return flops
 
@@ -583,12 +584,6 @@ class LMTask(Task):
         metrics = dict(loss=loss, text_loss=mean(text), visual_loss=mean(visual), tokens=valid.sum(),
                        packing=valid.mean())
         return loss, metrics, {}
-
-
-def _size(tree) -> int:
-    """Number of parameters of a (possibly boxed, abstract) tree."""
-    leaves = jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
-    return sum(int(np.prod((x.value if isinstance(x, meta.AxisMetadata) else x).shape)) for x in leaves)
 
 
 def _overlay(params, over, field: str):
