@@ -72,7 +72,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from lavit_jax.data import visual_records
+from lavit_jax.data import array_records, visual_records
 from lavit_jax.data.image_io import ImageInputError, load_image, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -819,25 +819,6 @@ def decode_record(data: bytes) -> dict:
 
 def write_array_record(path, examples) -> int:
     """Writes ``examples`` (dicts {"image": ..., "text": ...} for ``encode_record``, or bytes written as is) to
-    the ArrayRecord file ``path`` atomically (a temporary file renamed at the end); returns the record count."""
-    from array_record.python.array_record_module import ArrayRecordWriter  # noqa: PLC0415
-
-    path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    writer = ArrayRecordWriter(tmp, "group_size:1")  # group size 1: cheap random access
-    n = 0
-    try:
-        for ex in examples:
-            writer.write(ex if isinstance(ex, bytes) else encode_record(ex.get("image"), ex.get("text")))
-            n += 1
-        if not writer.ok():
-            raise OSError(f"ArrayRecord writer failed on {tmp}")
-        writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if writer.is_open():
-            writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return n
+    the ArrayRecord file ``path`` atomically (``array_records.write_atomic``); returns the record count."""
+    return array_records.write_atomic(
+        path, (ex if isinstance(ex, bytes) else encode_record(ex.get("image"), ex.get("text")) for ex in examples))

@@ -17,7 +17,8 @@ import os
 
 import grain
 import numpy as np
-from array_record.python.array_record_module import ArrayRecordWriter
+
+from lavit_jax.data import array_records
 
 
 def encode_record(index: int, image, text, visual_ids) -> bytes:
@@ -48,27 +49,10 @@ def open_records(path: str, field: str = "train.visual_ids_from"):
 
 
 def write_records(path: str, records, overwrite: bool = False) -> int:
-    """Writes ``records`` (bytes) to ``path`` atomically: a temporary sibling renamed into place when complete.
-
-    Refuses an existing ``path`` unless ``overwrite``. Returns the number of records.
-    """
+    """Writes ``records`` (bytes) to ``path`` atomically (``array_records.write_atomic``); refuses an existing
+    ``path`` unless ``overwrite``. Returns the number of records."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"output exists: {path} (pass --overwrite to replace it)")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.partial-{os.getpid()}")
-    n = 0
-    try:
-        writer = ArrayRecordWriter(tmp, "group_size:1")  # one record per chunk: cheap random access
-        try:
-            for rec in records:
-                writer.write(rec)
-                n += 1
-        finally:
-            writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return n
+    return array_records.write_atomic(path, records)
