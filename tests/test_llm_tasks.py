@@ -173,14 +173,14 @@ def test_multimodal_sequence_and_sampling(tiny, tok):
     image_ids = np.array([[32005, 32010, 32003, 0], [32060, 0, 0, 0]], np.int32)
     image_lengths = np.array([3, 1], np.int32)
     texts = ["a duck", "in the desert"]
-    text_ids, text_mask = tokenizer.encode_batch(texts)
-    ids, mask = llm_tasks.image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
+    rows = [[image_ids[i, : image_lengths[i]], tokenizer.encode(t)] for i, t in enumerate(texts)]
+    ids, mask = llm_tasks.token_prompt_ids(rows)
     for i, t in enumerate(texts):
         expected = list(image_ids[i, : image_lengths[i]]) + sp.encode(t) + [32000]
         got = np.asarray(ids[i])[np.asarray(mask[i]) == 1]
         assert list(got) == expected and np.all(np.asarray(mask[i])[-len(expected):] == 1)
-    out = llm_tasks.multimodal_to_image_ids(
-        model, params, tokenizer, image_ids, image_lengths, texts, jax.random.PRNGKey(1),
+    out = llm_tasks.token_prompt_to_image_ids(
+        model, params, ids, mask, jax.random.PRNGKey(1),
         config=llm_tasks.image_generation_config(min_new_tokens=5, max_new_tokens=8, num_return_sequences=2),
     )
     toks = np.asarray(out.tokens)
@@ -283,5 +283,5 @@ def test_token_prompt_ids_concatenate_parts_in_order(tok):
         assert ids[i][mask[i] == 1].tolist() == e and mask[i, -len(e):].all() and mask[i].sum() == len(e)
         assert np.all(ids[i][mask[i] == 0] == 2)
     assert llm_tasks.token_prompt_cap(rows) == max(len(e) for e in expected) - 1
-    assert llm_tasks.token_prompt_cap([[a, tokenizer.encode("a duck")]]) == llm_tasks.multimodal_token_cap(
-        [3], tokenizer, ["a duck"])
+    # the release's rule: image ids + text ids of the longest prompt
+    assert llm_tasks.token_prompt_cap([[a, tokenizer.encode("a duck")]]) == 3 + len(sp.encode("a duck"))

@@ -103,13 +103,10 @@ def understanding_inputs(model, params, feats, lengths, text_ids=None, text_mask
 
 
 @jax.jit
-def image_prompt_ids(text_ids, text_mask, image_ids=None, image_lengths=None):
-    """(image ids) + text + [IMG] -> (ids [B, T], mask [B, T]) left-padded with pad id 2. Jitted."""
+def image_prompt_ids(text_ids, text_mask):
+    """text + [IMG] -> (ids [B, T], mask [B, T]) left-padded with pad id 2 (text-to-image). Jitted."""
     b = text_ids.shape[0]
-    segs = []
-    if image_ids is not None:
-        segs.append((jnp.asarray(image_ids, jnp.int32), jnp.asarray(image_lengths, jnp.int32), "front"))
-    segs.append((jnp.asarray(text_ids, jnp.int32), jnp.asarray(text_mask).sum(-1), "back"))
+    segs = [(jnp.asarray(text_ids, jnp.int32), jnp.asarray(text_mask).sum(-1), "back")]
     segs.append(_const(IMG_START, b))
     return assemble(segs, pad_value=PAD_ID)
 
@@ -345,29 +342,6 @@ def text_to_image_ids(
     return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
 
 
-def multimodal_token_cap(image_lengths, tokenizer, texts) -> int:
-    """The release's new-token limit for token prompts: the longest prompt's token count (image ids + text ids).
-
-    (``generate_image_tokenids`` sets ``max_length = max(len(x) for x in prompts)`` and passes it as
-    ``max_new_tokens`` when the prompt is given as tokens.)
-    """
-    text_lengths = [len(tokenizer.encode(t)) for t in texts]
-    return int(max(int(n) + t for n, t in zip(np.asarray(image_lengths).tolist(), text_lengths, strict=True)))
-
-
-def multimodal_to_image_ids(
-    model, params, tokenizer, image_ids, image_lengths, texts, rng, *, config: GenerationConfig | None = None,
-    negative_ids=None, negative_mask=None,
-) -> GenerationOutput:
-    """Samples visual ids for image ids [B, N] (+32002, lengths [B]) followed by ``texts`` and [IMG]."""
-    cfg = config or image_generation_config(guidance_scale=defaults.EDIT.llm_guidance)
-    if isinstance(texts, str):
-        texts = [texts] * image_ids.shape[0]
-    text_ids, text_mask = encode_texts(tokenizer, texts)
-    ids, mask = image_prompt_ids(text_ids, text_mask, image_ids, image_lengths)
-    return _image_ids_generate(model, params, ids, mask, rng, cfg, negative_ids, negative_mask)
-
-
 def token_prompt_ids(rows):
     """Token prompts -> (ids [B, T], mask [B, T]) int32: each row's parts concatenated, then [IMG].
 
@@ -389,7 +363,8 @@ def token_prompt_ids(rows):
 def token_prompt_cap(rows) -> int:
     """The release's new-token limit for token prompts: the longest row's token count ([IMG] not counted).
 
-    The same rule as ``multimodal_token_cap``, for prompts of any number of image and text parts.
+    (``generate_image_tokenids`` sets ``max_length = max(len(x) for x in prompts)`` and passes it as
+    ``max_new_tokens`` when the prompt is given as tokens, as ``multimodal_synthesis`` always does.)
     """
     return int(max(sum(len(np.asarray(p).reshape(-1)) for p in row) for row in rows))
 
