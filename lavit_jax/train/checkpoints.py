@@ -152,9 +152,6 @@ class Checkpoints:
     def reached_preemption(self, step: int) -> bool:
         return self.mgr.reached_preemption(step)
 
-    def wait(self) -> None:
-        self.mgr.wait_until_finished()
-
     def close(self) -> None:
         self.mgr.wait_until_finished()
         self.mgr.close()
