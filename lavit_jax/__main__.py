@@ -5,13 +5,17 @@
     python -m lavit_jax vqa IMAGE QUESTION --checkpoint DIR [--keep argmax|sample] [--seed S] [--sample]
     python -m lavit_jax text2image PROMPT --out FILE.png [--decoder lowres|highres] [--steps N] [--guidance G]
                                    [--llm-guidance G] [--seed S] [--size PX] [--width W] [--height H]
-                                   [--ratio R] [--no-safety-checker] --checkpoint DIR
+                                   [--ratio R] [--no-safety-checker] [--greedy] [--num-beams N]
+                                   [--negative-prompt TEXT] [--vae-dtype model] --checkpoint DIR
     python -m lavit_jax edit IMAGE PROMPT --out FILE.png [same options] [--keep argmax|sample] --checkpoint DIR
     python -m lavit_jax compose IMAGE PROMPT IMAGE --out FILE.png [same options as edit] --checkpoint DIR
     python -m lavit_jax reconstruct IMAGE --out FILE.png [--decoder] [--steps N] [--seed S] [--keep] --checkpoint DIR
 
 ``compose`` takes an interleaved prompt: each argument that names an existing file is an image (it
-must be a readable image), any other is text, in order. ``--num-images N`` (text2image, edit,
+must be a readable image), ``ids:1,2,3`` is raw LLM token ids, any other is text, in order. Image-token
+search: nucleus sampling (the release's default), ``--greedy``, or ``--num-beams N`` (with
+``--llm-guidance 1``); ``--negative-prompt`` replaces [IMG] alone as the unconditional context of LLM
+guidance; an empty prompt generates unconditionally. ``--num-images N`` (text2image, edit,
 compose) draws N images, image i from seed + i: written as numbered files next to ``--out``
 (``out.png`` -> ``out-1.png`` ... ``out-N.png``), or with ``--tile`` as one grid image at ``--out``
 (ceil(sqrt(N)) columns, left to right then top to bottom); ``--ids-out`` then holds [N, L] ids.
@@ -19,12 +23,15 @@ Output size: ``--size`` (square), ``--width`` / ``--height``, or ``--ratio`` (th
 table, ``inference/defaults.py``); ``--original-size`` / ``--crops-coords-top-left`` / ``--target-size``
 are the highres (SDXL) decoder's micro-conditioning. A checkpoint with a converted safety checker runs it on
 every image (flagged ones are written black, with a warning); ``--no-safety-checker`` skips it.
-``--checkpoint`` defaults to $LAVIT_CHECKPOINT. Every argument is checked before any weights are
-read; unset sizes and token counts follow the checkpoint. ``--out`` never replaces an input image,
-and replaces another existing file only with ``--overwrite`` (written atomically). ``--keep``: the
-tokenizer's keep decisions, deterministic ``argmax`` or the reference's ``sample`` (hard Gumbel,
-seeded by ``--seed``). Errors (missing file, non-image, empty prompt, a bad value, a checkpoint
-without the needed part) print one line ``error: ...`` and exit with status 2; ``warning: ...``
+``--checkpoint`` (default $LAVIT_CHECKPOINT) is a converted directory or a Hugging Face repo id,
+downloaded and converted once (``--revision``, ``--config``; ``lavit_jax/hub.py``). Every argument is
+checked before any weights are read; unset sizes and token counts follow the checkpoint. ``--out``
+never replaces an input image, and replaces another existing file only with ``--overwrite`` (written
+atomically). ``--keep``: the tokenizer's keep decisions, deterministic ``argmax`` or the reference's
+``sample`` (hard Gumbel, seeded by ``--seed``). ``--vae-dtype``: the VAE decode's dtype (the release's:
+the model precision for generation, float32 for ``reconstruct``). Errors (missing file, non-image,
+empty question, a bad value, a checkpoint without the needed part) print one line ``error: ...`` and
+exit with status 2; ``warning: ...``
 lines do not stop the run. Progress bars go to stderr (plain lines when it is not a terminal);
 ``--verbose`` also shows the libraries' INFO logs (Orbax).
 """
@@ -45,7 +52,7 @@ from absl import logging as absl_logging
 from PIL import Image
 from tqdm import std as tqdm_std
 
-from lavit_jax import checkpoint
+from lavit_jax import checkpoint, hub
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults
 from lavit_jax.inference.lavit import LaVIT
@@ -116,7 +123,14 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp):
         sp.add_argument("--checkpoint", default=os.environ.get("LAVIT_CHECKPOINT"),
-                        help="converted checkpoint directory (default $LAVIT_CHECKPOINT)")
+                        help="converted checkpoint directory, or a Hugging Face repo id (owner/name: downloaded "
+                             "and converted once, see lavit_jax/hub.py) (default $LAVIT_CHECKPOINT)")
+        sp.add_argument("--revision", default=None,
+                        help="with a repo id --checkpoint: the branch, tag or commit (default: main)")
+        sp.add_argument("--config", default=None,
+                        help="with a repo id --checkpoint: the config file its conversion uses (default: the "
+                             "release's configs/lavit_7b.py); the copy is stored in --dtype (bfloat16 or float32; "
+                             "default bfloat16)")
         sp.add_argument("--dtype", type=_dtype, default=None,
                         help="compute dtype: float32, bfloat16 or float16 (default: the stored dtype)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -155,6 +169,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="SDXL micro-conditioning, highres decoder only (default 0 0)")
         sp.add_argument("--target-size", type=pair, nargs=2, metavar=("H", "W"), default=None,
                         help="SDXL micro-conditioning, highres decoder only (default: the output size)")
+        sp.add_argument("--vae-dtype", choices=defaults.VAE_DTYPES, default=None,
+                        help=f"dtype of the VAE decode (default {task.vae_dtype}, as the release; 'model': --dtype's)")
         sp.add_argument("--no-safety-checker", action="store_true",
                         help="skip the safety checker (it runs when the checkpoint has one, blacking out flagged "
                              "images with a warning)")
@@ -175,11 +191,22 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--min-new-tokens", type=_int(0, "must be >= 0"), default=None,
                         help="(default: the API's, at most --max-new-tokens)")
         sp.add_argument("--max-new-tokens", type=positive, default=None,
-                        help="(default: from the checkpoint, the visual tokens an image can have)")
+                        help=f"(default {task.max_new_tokens}; at most the visual tokens an image can have)")
+        sp.add_argument("--greedy", action="store_true",
+                        help="greedy image-token search instead of the release's nucleus sampling")
+        sp.add_argument("--num-beams", type=positive, default=None,
+                        help="beam search over image tokens (with --llm-guidance 1: beams run without guidance; "
+                             "beam sampling unless --greedy)")
+        sp.add_argument("--length-penalty", type=_float, default=None, help="beam search length penalty (default 1)")
+        sp.add_argument("--negative-prompt", default=None,
+                        help="unconditional context of LLM guidance instead of [IMG] alone (the release's "
+                             "uncond_input_ids)")
 
     def understanding(sp, task):
         sp.add_argument("--sample", action="store_true",
                         help=f"sample instead of beam search ({task.num_beams} beams); seeded by --seed")
+        sp.add_argument("--num-beams", type=positive, default=None,
+                        help=f"beams (default {task.num_beams}; with --sample default 1, more: beam sampling)")
         sp.add_argument("--temperature", type=_positive_float, default=None,
                         help=f"sampling temperature, with --sample (default {task.temperature})")
         sp.add_argument("--top-p", type=_top_p, default=None, help=f"with --sample (default {task.top_p})")
@@ -219,7 +246,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Generates an image from an interleaved multimodal prompt, e.g. a.jpg 'in the style of' b.jpg. "
                     "An argument that names an existing file is an image (it must be a readable image); any other "
                     "argument is text. Parts are joined in order as the release's multimodal_synthesis does.")
-    sp.add_argument("parts", nargs="+", metavar="PART", help="an image file or a text, in prompt order")
+    sp.add_argument("parts", nargs="+", metavar="PART",
+                    help="an image file, ids:1,2,3 (raw token ids) or a text, in prompt order")
     common(sp)
     image_out(sp, defaults.EDIT)
     sampling(sp, defaults.EDIT)
@@ -278,16 +306,26 @@ def _decoder_geometry(ckpt: str, manifest: dict, decoder: str | None) -> tuple[s
     return (decoder, *checkpoint.decoder_geometry(ckpt, decoder))
 
 
+_IDS_PART = re.compile(r"^ids:\s*(\d+(\s*,\s*\d+)*)\s*$")
+
+
 def _compose_parts(parts) -> tuple[list, list]:
-    """(prompt parts: image paths and texts in order, the image paths) of ``compose``'s arguments."""
-    images = []
+    """(prompt parts: image paths, raw token ids and texts in order, the image paths) of ``compose``'s
+    arguments. ``ids:1,2,3`` is raw LLM token ids."""
+    images, out = [], []
     for part in parts:
         if os.path.isfile(part):
             load_image(part)  # an existing file must be a readable image
             images.append(part)
-        elif not part.strip():
-            raise ValueError("empty text part in the compose prompt")
-    return list(parts), images
+            out.append(part)
+        elif part.startswith("ids:"):
+            m = _IDS_PART.match(part)
+            if m is None:
+                raise ValueError(f"compose part {part!r}: raw token ids are written ids:1,2,3")
+            out.append([int(t) for t in m.group(1).split(",")])
+        else:
+            out.append(part)
+    return out, images
 
 
 def output_paths(out: str, num_images: int | None, tile: bool) -> list[str]:
@@ -314,35 +352,63 @@ def _check_inputs(args) -> None:
     if getattr(args, "image", None) is not None:
         load_image(args.image)
     compose_images = _compose_parts(args.parts)[1] if args.command == "compose" else []
-    for field in ("prompt", "question"):
-        value = getattr(args, field, None)
-        if value is not None and not value.strip():
-            raise ValueError(f"empty {field}")
+    # an empty prompt generates unconditionally, as in the release; a question must say something
+    if getattr(args, "question", None) is not None and not args.question.strip():
+        raise ValueError("empty question")
+    if getattr(args, "num_beams", None) and args.num_beams > 1:
+        if args.llm_guidance is None or args.llm_guidance != 1:
+            raise ValueError(f"--num-beams {args.num_beams} runs without LLM guidance: pass --llm-guidance 1")
+    if getattr(args, "negative_prompt", None) is not None:
+        if not args.negative_prompt.strip():
+            raise ValueError("empty --negative-prompt")
+        if args.llm_guidance == 1:
+            raise ValueError("--negative-prompt is the unconditional context of LLM guidance: --llm-guidance 1 "
+                             "turns guidance off")
     if args.command in ("caption", "vqa") and not args.sample:
         for flag in ("temperature", "top_p", "top_k"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} only applies with --sample")
     if not args.checkpoint:
         raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
-    if not os.path.isdir(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint}")
+    if not os.path.isdir(args.checkpoint) and not hub.is_repo_id(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint} (nor a Hugging Face repo id "
+                                "owner/name)")
+    if args.revision is not None and os.path.isdir(args.checkpoint):
+        raise ValueError(f"--revision applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
+    for flag in ("guidance", "llm_guidance"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            warn(f"--{flag.replace('_', '-')} {value} is negative: it pushes the result away from the prompt")
+    lo, hi = getattr(args, "min_new_tokens", None), getattr(args, "max_new_tokens", None)
+    if lo is not None and hi is not None and lo > hi:
+        raise ValueError(f"--min-new-tokens {lo} is larger than --max-new-tokens {hi}")
+    has_out = getattr(args, "out", None) is not None
+    if has_out:
+        ext = os.path.splitext(args.out)[1].lower()
+        if ext not in IMAGE_EXTENSIONS:
+            raise ValueError(f"output file {args.out}: use an image extension ({', '.join(IMAGE_EXTENSIONS)})")
+        inputs = ([args.image] if getattr(args, "image", None) else []) + compose_images
+        if getattr(args, "tile", False) and (args.num_images or 1) == 1:
+            raise ValueError("--tile needs --num-images 2 or more")
+        for path in output_paths(args.out, getattr(args, "num_images", None), getattr(args, "tile", False)):
+            _check_writable(path, "--out", args.overwrite, inputs)
+        if args.ids_out:
+            if not args.ids_out.endswith(".npy"):
+                raise ValueError(f"--ids-out {args.ids_out}: use a .npy file name")
+            if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
+                raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
+            _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+    # the last check: a repo id is downloaded and converted here (once; later runs read the cache)
+    if args.config is not None and os.path.isdir(args.checkpoint):
+        raise ValueError(f"--config applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise FileNotFoundError(f"--config file not found: {args.config}")
+    conversion = args.dtype if args.dtype in hub.CONVERSION_DTYPES else hub.DEFAULT_CONVERSION_DTYPE
+    args.checkpoint = hub.resolve(args.checkpoint, revision=args.revision, conversion_dtype=conversion,
+                                  config=args.config, log=lambda m: print(m, file=sys.stderr))
     manifest = checkpoint.read_manifest(args.checkpoint)
-    if getattr(args, "out", None) is None:
+    if not has_out:
         return
-    ext = os.path.splitext(args.out)[1].lower()
-    if ext not in IMAGE_EXTENSIONS:
-        raise ValueError(f"output file {args.out}: use an image extension ({', '.join(IMAGE_EXTENSIONS)})")
-    inputs = ([args.image] if getattr(args, "image", None) else []) + compose_images
-    if getattr(args, "tile", False) and (args.num_images or 1) == 1:
-        raise ValueError("--tile needs --num-images 2 or more")
-    for path in output_paths(args.out, getattr(args, "num_images", None), getattr(args, "tile", False)):
-        _check_writable(path, "--out", args.overwrite, inputs)
-    if args.ids_out:
-        if not args.ids_out.endswith(".npy"):
-            raise ValueError(f"--ids-out {args.ids_out}: use a .npy file name")
-        if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
-            raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
-        _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
     picked = _decoder_geometry(args.checkpoint, manifest, args.decoder)
     if picked is not None:
         decoder, native, factor = picked
@@ -352,13 +418,6 @@ def _check_inputs(args) -> None:
     else:
         defaults.image_size(native=1024, factor=1, decoder="", size=args.size, width=args.width, height=args.height,
                             ratio=args.ratio, names=CLI_NAMES)  # the flags' consistency; the task names the part
-    for flag in ("guidance", "llm_guidance"):
-        value = getattr(args, flag, None)
-        if value is not None and value < 0:
-            warn(f"--{flag.replace('_', '-')} {value} is negative: it pushes the result away from the prompt")
-    lo, hi = getattr(args, "min_new_tokens", None), getattr(args, "max_new_tokens", None)
-    if lo is not None and hi is not None and lo > hi:
-        raise ValueError(f"--min-new-tokens {lo} is larger than --max-new-tokens {hi}")
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -387,7 +446,7 @@ def run(args) -> None:
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
     progress = not args.no_progress
     if args.command in ("caption", "vqa"):
-        kw = _given(args, "keep", "seed", "temperature", "top_p", "top_k", "repetition_penalty")
+        kw = _given(args, "keep", "seed", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams")
         if args.sample:
             kw["do_sample"] = True
     if args.command == "caption":
@@ -404,14 +463,18 @@ def run(args) -> None:
         print(model.vqa(args.image, args.question, progress=progress, **kw))
         return
     kw = dict(return_ids=True, progress=progress,
-              **_given(args, "decoder", "steps", "guidance", "seed", "size", "width", "height", "ratio", *MICRO))
+              **_given(args, "decoder", "steps", "guidance", "seed", "size", "width", "height", "ratio", "vae_dtype",
+                       *MICRO))
     for key in MICRO:
         if key in kw:
             kw[key] = tuple(kw[key])
     if args.no_safety_checker:
         kw["safety_checker"] = False
     if args.command in ("text2image", "edit", "compose"):
-        kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens", "num_images"))
+        kw.update(_given(args, "llm_guidance", "top_k", "top_p", "min_new_tokens", "max_new_tokens", "num_images",
+                         "num_beams", "length_penalty", "negative_prompt"))
+        if args.greedy:
+            kw["do_sample"] = False
     if args.command in ("edit", "compose", "reconstruct"):
         kw.update(_given(args, "keep"))
     if args.command == "text2image":

@@ -177,7 +177,9 @@ def _bad_argument_cases(env, tmp_path):
         (["edit", img, "in the snow", "--out", out, "--num-images", "2", "--tile", "--top-p", "2", *ck], "--top-p"),
         (["text2image", "a duck", "--out", existing, "--num-images", "2", "--tile", *ck], "--overwrite"),
         (["text2image", "a duck", "--out", tmp_path / "n.png", "--num-images", "3", *ck], "--overwrite"),  # n-2.png
-        (["compose", img, "  ", "--out", out, *ck], "empty text"),
+        (["compose", img, "ids:1,,2", "--out", out, *ck], "ids:1,2,3"),
+        (t2i + ["--negative-prompt", "a horse", "--llm-guidance", "1"], "--llm-guidance 1"),
+        (t2i + ["--vae-dtype", "int8"], "--vae-dtype"),
         (["compose", img, "in the style of", tmp_path / "notimage.png", "--out", out, *ck], "not a readable image"),
         (["compose", img, "x", "--out", img, "--overwrite", *ck], "input"),
     ]
@@ -481,7 +483,7 @@ def test_eval_errors_name_its_flags_and_create_nothing(env, tmp_path):
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and "--checkpoint" in error_line(proc.stderr)
     assert not typo.exists()
-    config = conv.load_config(TINY)
+    config = conv.load_config_file(TINY)
     bad = [
         ((typo, "synthetic:4"), FileNotFoundError, "--checkpoint"),
         ((tmp_path, "synthetic:4"), FileNotFoundError, "--checkpoint"),  # neither kind of checkpoint

@@ -47,7 +47,7 @@ TINY = str(REPO / "configs" / "tiny.py")
 PREFIXES = ("python ", "python3", "PYTHONPATH=", "make ", ".venv/bin/")
 PLACEHOLDERS = {"IMAGE": "cat.jpg", "QUESTION": "what is in the image?", "PROMPT": "a duck made of wool",
                 "DIR": "ckpt/lavit7b", "CONVERTED_DIR": "ckpt/lavit7b", "IMAGES": "images"}
-SEVEN_B = ("RELEASED_DIR", "/path/to/", "configs/lavit_7b.py", "/data/", "/ckpt/")
+SEVEN_B = ("RELEASED_DIR", "/path/to/", "configs/lavit_7b.py", "/data/", "/ckpt/", "rain1011/")
 LINKS = ("configs", "tools", "lavit_jax", "bench", "train.py", "eval.py")
 
 
@@ -126,6 +126,10 @@ COMMANDS = all_commands()
 # The commands this test only parses, because they need the released 7B weights or real data (a documented
 # command added or changed in that category must be added here).
 NEEDS_7B = {
+    "python -m lavit_jax caption cat.jpg --checkpoint rain1011/LaVIT-7B-v2",
+    "python -m lavit_jax text2image \"a duck made of wool\" --out duck.png --checkpoint rain1011/LaVIT-7B-v2 "
+    "--revision main",
+    "python -m lavit_jax caption cat.jpg --checkpoint rain1011/LaVIT-7B-v2 [--revision REV]",
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16",
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16 --verify",
     "python eval.py --config configs/lavit_7b.py --checkpoint out/tokenizer_stage1 --data_dir /data/val",

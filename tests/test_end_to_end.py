@@ -114,15 +114,16 @@ def released_tokenizer(env, understanding=False):
     return tfx.released_visual_tokenizer(root, env["tok_cfg"], decoders=(), understanding_weights=vw)
 
 
-def hf_image_ids(env, prefix_ids, text, llm_guidance, min_new, max_new):
-    """HF generate (greedy = top-k 1 sampling) on [prefix ids] + text ids + [IMG] -> visual ids (>= 32002)."""
+def hf_image_ids(env, prefix_ids, text, llm_guidance, min_new, max_new, **hf_kw):
+    """HF generate (greedy = top-k 1 sampling) on [prefix ids] + text ids + [IMG] -> visual ids (>= 32002).
+    ``hf_kw``: more ``generate`` arguments (``num_beams``, ``negative_prompt_ids``)."""
     ids = list(prefix_ids) + env["text"].encode(text) + [32000]
     with torch.no_grad():
         mask = torch.ones(1, len(ids), dtype=torch.long)
         out = env["rel"].llm.generate(input_ids=torch.tensor([ids]), attention_mask=mask,
                                       do_sample=False, max_new_tokens=max_new, min_new_tokens=min_new,
                                       suppress_tokens=list(range(3, 32000)), eos_token_id=32001, pad_token_id=2,
-                                      guidance_scale=llm_guidance)[0, len(ids):].numpy()
+                                      guidance_scale=llm_guidance, **hf_kw)[0, len(ids):].numpy()
     return np.array([t for t in out if t >= 32002])
 
 
@@ -301,8 +302,9 @@ def test_cli_input_errors(env, capsys, tmp_path):
         (["caption", str(tmp_path / "missing.jpg"), *ckpt], "missing.jpg"),
         (["caption", str(not_image), *ckpt], "notes.png"),
         (["vqa", str(env["img"]), "  ", *ckpt], "empty question"),
-        (["text2image", "", "--out", str(tmp_path / "a.png"), *ckpt], "empty prompt"),
-        (["edit", str(env["img"]), " ", "--out", str(tmp_path / "a.png"), *ckpt], "empty prompt"),
+        (["text2image", "a", "--out", str(tmp_path / "a.png"), "--num-beams", "2", *ckpt], "--llm-guidance 1"),
+        (["text2image", "a", "--out", str(tmp_path / "a.png"), "--negative-prompt", " ", *ckpt], "--negative-prompt"),
+        (["compose", "ids:1,x", "--out", str(tmp_path / "a.png"), *ckpt], "ids:1,2,3"),
         (["reconstruct", str(not_image), "--out", str(tmp_path / "a.png"), *ckpt], "notes.png"),
         (["caption", str(env["img"]), "--checkpoint", str(tmp_path / "nockpt")], "nockpt"),
         (["caption", str(env["img"]), "--checkpoint", str(tmp_path)], "not a converted"),
@@ -313,8 +315,57 @@ def test_cli_input_errors(env, capsys, tmp_path):
         assert rc == 2, argv
         assert err.startswith("error:") and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
     assert not (tmp_path / "a.png").exists()
-    with pytest.raises(ValueError, match="empty prompt"):
-        LaVIT.from_pretrained(env["out"]).text2image("   ")
+    with pytest.raises(ValueError, match="empty question"):
+        LaVIT.from_pretrained(env["out"]).vqa(str(env["img"]), "   ")
+
+
+# ------------------------------------------------------------------------------------------ generation controls
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("case", ["greedy", "negative_prompt", "beam", "unconditional"])
+def test_image_token_search_matches_hf(env, case):
+    """The release's generate_image_tokenids controls: greedy (use_nucleus_sampling=False), a negative prompt
+    (uncond_input_ids -> HF negative_prompt_ids), beam search, and an empty (unconditional) prompt."""
+    model = LaVIT.from_pretrained(env["out"])
+    text, kw, hf_kw, guidance = "a duck made of wool", {}, {}, 3.0
+    if case == "negative_prompt":
+        kw["negative_prompt"] = "a horse in the forest"
+        hf_kw["negative_prompt_ids"] = torch.tensor([env["text"].encode("a horse in the forest")])
+    elif case == "beam":
+        guidance = 1.0  # beam search runs without LLM guidance
+        kw["num_beams"] = hf_kw["num_beams"] = 3
+    elif case == "unconditional":
+        text = ""
+    ids, n = model.text2image_ids(text, do_sample=False, llm_guidance=guidance, min_new_tokens=4, max_new_tokens=12,
+                                  **kw)
+    ref = hf_image_ids(env, [], text, guidance, 4, 12, **hf_kw)
+    assert len(ref) >= 4
+    np.testing.assert_array_equal(np.asarray(ids)[0, : int(n[0])], ref)
+
+
+@pytest.mark.parity
+def test_raw_token_id_prompt_follows_the_release(env):
+    """A prompt of raw ids (the release's generate_image(..., is_token_prompt=True); CLI ``compose ids:...``):
+    ids as given + [IMG], at most len(ids) new tokens (the release's cap), as HF generate; out-of-vocabulary
+    ids are refused before the LLM runs."""
+    model = LaVIT.from_pretrained(env["out"])
+    prompt = env["text"].encode("a sculpture of a duck made of wool") + [32002 + 5, 32002 + 77]
+    ids, n = model.generate_image_ids([prompt], do_sample=False, llm_guidance=5.0, min_new_tokens=4)
+    ref = hf_image_ids(env, prompt, "", 5.0, 4, len(prompt))
+    np.testing.assert_array_equal(np.asarray(ids)[0, : int(n[0])], ref)
+    with pytest.raises(ValueError, match=r"\[0, 32130\)"):
+        model.generate_image_ids([[1, LLM_VOCAB]])
+
+
+def test_max_new_tokens_past_the_decoder_is_capped_with_a_warning(env, capsys):
+    model = LaVIT.from_pretrained(env["out"])
+    cap = (env["tok_cfg"].image_size // env["tok_cfg"].patch_size) ** 2
+    cfg = model._generation_config(llm_guidance=4.0, top_k=50, top_p=1.0, temperature=1.0, min_new_tokens=20,
+                                   max_new_tokens=cap + 100, do_sample=True, num_beams=1, length_penalty=1.0,
+                                   negative_prompt=None)
+    assert cfg.max_new_tokens == cap
+    assert f"max_new_tokens={cap + 100}" in capsys.readouterr().err
 
 
 def test_converter_truncated_shard_names_file(env, tmp_path, capsys):
@@ -378,3 +429,57 @@ def test_low_memory_frees_the_llm_and_verbose_times_parts(env, capsys):
     assert "llm" not in model._cache and ("detok", "highres") in model._cache
     err = capsys.readouterr().err
     assert "loaded llm in" in err and "loaded detok/highres in" in err
+
+
+# ------------------------------------------------------------------------------------------ hub loading
+
+
+@pytest.fixture()
+def fake_hub(env, tmp_path, monkeypatch):
+    """A Hugging Face cache holding the tiny release as repo ``fake/LaVIT-tiny`` (main -> COMMIT), offline."""
+    import huggingface_hub.constants as hf_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--fake--LaVIT-tiny"
+    shutil.copytree(env["rel"].root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("LAVIT_CACHE", str(tmp_path / "lavit-cache"))
+    return commit
+
+
+def test_hub_repo_id_converts_once_into_the_cache_and_loads(env, fake_hub, capsys):
+    from lavit_jax import hub
+
+    model = LaVIT.from_pretrained("fake/LaVIT-tiny", config=TINY, conversion_dtype="float32")
+    err = capsys.readouterr().err
+    expected = hub.converted_dir("fake/LaVIT-tiny", fake_hub, "float32")
+    assert model.ckpt_dir == expected and "converting fake/LaVIT-tiny@0123456789ab" in err
+    manifest = json.loads((REPO / expected / "lavit.json").read_text())
+    assert sorted(manifest["parts"]) == sorted(checkpoint.read_manifest(str(env["out"]))["parts"])
+    stamp = (REPO / expected / "lavit.json").stat().st_mtime_ns
+    # the same repo, revision (main or its commit) and dtype: read from the cache, not converted again
+    again = LaVIT.from_pretrained("fake/LaVIT-tiny", revision=fake_hub, config=TINY, conversion_dtype="float32")
+    assert again.ckpt_dir == expected and "converting" not in capsys.readouterr().err
+    assert (REPO / expected / "lavit.json").stat().st_mtime_ns == stamp
+    # the converted copy behaves as the locally converted checkpoint
+    want = LaVIT.from_pretrained(env["out"]).caption(str(env["img"]), keep="argmax")
+    rc, out, err = run_cli(capsys, "caption", str(env["img"]), "--keep", "argmax", "--checkpoint", "fake/LaVIT-tiny",
+                           "--revision", fake_hub, "--config", TINY, "--dtype", "float32", "--no-progress")
+    assert rc == 0, err
+    assert out == want and "converting" not in err
+
+
+def test_hub_errors_name_the_repo_and_revision(env, fake_hub, capsys, tmp_path):
+    with pytest.raises(FileNotFoundError, match="fake/Missing.*not in the Hugging Face cache"):
+        LaVIT.from_pretrained("fake/Missing", config=TINY)
+    with pytest.raises(FileNotFoundError, match="fake/LaVIT-tiny at revision v9"):
+        LaVIT.from_pretrained("fake/LaVIT-tiny", revision="v9", config=TINY)
+    with pytest.raises(ValueError, match="conversion_dtype"):
+        LaVIT.from_pretrained("fake/LaVIT-tiny", conversion_dtype="int4", config=TINY)
+    rc, out, err = run_cli(capsys, "caption", str(env["img"]), "--checkpoint", str(env["out"]), "--revision", "main")
+    assert rc == 2 and "--revision applies to a repo id" in err
+    rc, out, err = run_cli(capsys, "caption", str(env["img"]), "--checkpoint", "not a/repo id")
+    assert rc == 2 and "nor a Hugging Face repo id" in err

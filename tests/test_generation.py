@@ -69,6 +69,48 @@ def test_beam_search_matches_hf(tiny, num_beams, num_return, length_penalty, ear
 
 
 @pytest.mark.parity
+def test_beam_sampling_matches_hf_on_the_same_draws(tiny, monkeypatch):
+    """Beam sampling (do_sample + num_beams): HF's ``_beam_search`` with its ``torch.multinomial`` draw replaced by
+    our draw on the same noise gives our tokens, so warpers (min_tokens_to_keep 2), accumulated scores and
+    the beam bookkeeping all match; the draw itself is checked against multinomial's law below."""
+    hf, model, params = tiny
+    ids, mask = fx.left_padded_ids(np.random.RandomState(8), [5, 3], 5, high=32000)
+    key = jax.random.key(7)
+    kw = dict(max_new_tokens=8, min_new_tokens=2, num_beams=3, num_return_sequences=2, temperature=0.7, top_k=4,
+              top_p=0.9)
+    cfg = GenerationConfig(do_sample=True, suppress_ranges=((32000, fx.VOCAB),), **kw)
+    ours = generation.generate_from_ids(model, params, ids, mask, cfg, rng=key)
+    draws = []
+
+    def multinomial(probs, num_samples, **_):  # sampling order of softmax(acc) = top-k order of log(probs) + noise
+        idx = generation.sample_without_replacement(jax.random.fold_in(key, len(draws)),
+                                                    jnp.asarray(torch.log(probs).numpy()), num_samples)
+        draws.append(num_samples)
+        return torch.tensor(np.asarray(idx), dtype=torch.long)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=True,
+                          suppress_tokens=list(range(32000, fx.VOCAB)), eos_token_id=fx.EOS, pad_token_id=fx.EOS, **kw)
+    assert len(draws) >= 3 and set(draws) == {6}  # HF drew 2 x num_beams candidates per step, through our patch
+    _assert_same_tokens(ours, _hf_new_tokens(ref, ids.shape[1]))
+
+
+def test_sample_without_replacement_follows_multinomial():
+    """First draw ~ p, second ~ p_j / (1 - p_i) given the first (multinomial without replacement), 20k draws."""
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    n = 20000
+    keys = jax.random.split(jax.random.key(3), n)
+    idx = np.asarray(jax.vmap(lambda k: generation.sample_without_replacement(k, jnp.log(jnp.asarray(p))[None], 2)[0])(
+        keys))
+    first = np.bincount(idx[:, 0], minlength=4) / n
+    np.testing.assert_allclose(first, p, atol=4 * np.sqrt(p * (1 - p) / n).max())
+    second_given_0 = np.bincount(idx[idx[:, 0] == 0, 1], minlength=4) / np.sum(idx[:, 0] == 0)
+    want = np.where(np.arange(4) == 0, 0.0, p / (1 - p[0]))
+    np.testing.assert_allclose(second_given_0, want, atol=4 * np.sqrt(0.25 / np.sum(idx[:, 0] == 0)))
+
+
+@pytest.mark.parity
 def test_beam_search_from_embeds_matches_hf(tiny):
     """The understanding path: continuous features as inputs_embeds (HF returns only new tokens)."""
     hf, model, params = tiny

@@ -77,7 +77,7 @@ def test_bf16_model_float32_decode(vae_pair):
         ref = tm.decode(torch.tensor(nchw(z)) / model.config.scaling_factor).sample.numpy()
     ref = np.clip(ref / 2 + 0.5, 0, 1)
     # float32 decode of bf16-stored params: only the bf16 rounding of the weights remains
-    out32 = V.decode_to_images(bf16, p16, z, float32=True)
+    out32 = V.decode_to_images(bf16, p16, z, dtype="float32")
     assert out32.dtype == jnp.float32
     assert rel_err(nchw(out32), ref) < 2e-2
 

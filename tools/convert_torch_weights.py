@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import logging
 import os
 import sys
@@ -35,7 +34,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from lavit_jax.convert.converter import convert  # noqa: E402
+from lavit_jax.convert.converter import convert, load_config_file  # noqa: E402
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "f32": "float32", "float32": "float32"}
 DEFAULT_DTYPE = "bf16"
@@ -45,23 +44,6 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "lavit_7b.py")
 # says "unsafe serialization" when a folder has .bin weights only, then loads them with weights_only).
 _REFERENCE_LOADER_NOISE = ("Defaulting to unsafe serialization", "An error occurred while trying to fetch",
                            "Cannot initialize model with low cpu memory usage")
-
-
-def load_config(path: str):
-    """``get_config()`` of a config file (``configs/*.py``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    spec = importlib.util.spec_from_file_location("lavit_config", path)
-    if spec is None:
-        raise ValueError(f"config file {path}: not a Python file")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if not hasattr(mod, "get_config"):
-        raise ValueError(f"config file {path} has no get_config()")
-    config = mod.get_config()
-    if "tokenizer" not in config:
-        raise ValueError(f"config file {path}: get_config() has no 'tokenizer' section (the tokenizer widths)")
-    return config
 
 
 class _DropNoise(logging.Filter):
@@ -111,7 +93,7 @@ def main(argv=None):
     p.add_argument("--verify", action="store_true", help="compare converted parts with their PyTorch references")
     args = p.parse_args(argv)
     try:
-        config = load_config(args.config)
+        config = load_config_file(args.config)
         name = os.path.relpath(args.config, REPO) if os.path.abspath(args.config).startswith(REPO + os.sep) \
             else args.config
         manifest = convert(args.src, args.out, config.tokenizer, DTYPES[args.dtype], args.overwrite,

@@ -17,6 +17,7 @@ part's params in the target dtype plus one tensor in flight. Nothing in the file
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -277,6 +278,23 @@ PART_SOURCES = {checkpoint.SAFETY_CHECKER: SAFETY_SOURCE}
 
 FORMAT_FAMILY = checkpoint.FORMAT.split("/")[0] + "/"
 CHECKPOINT_KIND = f"a lavit-jax checkpoint ({checkpoint.MANIFEST} with format {FORMAT_FAMILY}*)"
+
+
+def load_config_file(path: str):
+    """``get_config()`` of a config file (``configs/*.py``)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("lavit_config", path)
+    if spec is None:
+        raise ValueError(f"config file {path}: not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ValueError(f"config file {path} has no get_config()")
+    config = mod.get_config()
+    if "tokenizer" not in config:
+        raise ValueError(f"config file {path}: get_config() has no 'tokenizer' section (the tokenizer widths)")
+    return config
 
 
 def is_converted_checkpoint(path: str) -> bool:

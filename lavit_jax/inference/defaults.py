@@ -37,12 +37,15 @@ class GenerationDefaults:
     max_new_tokens: int = 200
     steps: int = 25  # DDIM steps of the diffusion detokenizer
     guidance: float = 7.0  # diffusion classifier-free guidance
+    # The release's generate_image decodes with the VAE in the model precision (bf16 for its bf16 model).
+    vae_dtype: str = "model"
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodingDefaults:
     steps: int
     guidance: float
+    vae_dtype: str = "float32"  # image_detokenize.py loads the VAE without a dtype: float32
 
 
 CAPTION = UnderstandingDefaults(num_beams=2, max_new_tokens=36, min_new_tokens=8, length_penalty=1.0)
@@ -51,6 +54,7 @@ VQA = UnderstandingDefaults(num_beams=5, max_new_tokens=10, min_new_tokens=2, le
 TEXT2IMAGE = GenerationDefaults(llm_guidance=4.0)
 EDIT = GenerationDefaults(llm_guidance=5.0)
 RECONSTRUCT = DecodingDefaults(steps=50, guidance=5.0)
+VAE_DTYPES = ("model", "float32", "bfloat16", "float16")  # "model": the LLM/UNet dtype of the loaded checkpoint
 
 # Keep decisions of the token selector: the release draws a hard Gumbel sample on every call
 # ("sample", seeded); "argmax" is the deterministic opt-in.

@@ -88,16 +88,17 @@ class Detokenizer:
     def generate(self, ids, lengths, *, steps: int = 25, guidance: float = 7.0, seed: int = 0,
                  size: int | tuple[int, int] | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
-                 noise=None, progress: bool = False):
+                 noise=None, progress: bool = False, vae_dtype: str | None = "float32"):
         """-> (images [B, H, W, 3] float32 in [0, 1], final latents). ``size``: int or (height, width);
-        ``noise``: optional standard-normal initial latents [B, H/8, W/8, 4] instead of ``seed``."""
+        ``noise``: optional standard-normal initial latents [B, H/8, W/8, 4] instead of ``seed``;
+        ``vae_dtype``: the VAE decode's dtype (None: the VAE's own)."""
         if size is None:
             size = self.default_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         cond = self.condition(ids, lengths, height=height, width=width, original_size=original_size,
                               crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         return self.pipeline.generate(cond, num_steps=steps, guidance_scale=guidance, seed=seed, height=height,
-                                      width=width, noise=noise, progress=progress)
+                                      width=width, noise=noise, progress=progress, vae_dtype=vae_dtype)
 
     def __call__(self, ids, lengths, **kwargs) -> list:
         """ids [B, N], lengths [B] -> list of B PIL images (keyword arguments as ``generate``)."""

@@ -6,7 +6,10 @@ Reproduces ``transformers`` ``generate`` (v5 semantics) for the settings LaVIT u
   several sequences per prompt (``num_return_sequences``, copies adjacent as HF's repeat_interleave);
 - beam search (``num_beams``, ``length_penalty``, ``early_stopping`` True/False/"never"), the same
   vectorised algorithm as HF's ``_beam_search`` (2*num_beams candidates, finished-hypothesis merge,
-  early-stop heuristic);
+  early-stop heuristic), and beam sampling (``do_sample`` with ``num_beams`` > 1: the 2*num_beams
+  candidates are drawn without replacement from the softmax of the accumulated scores, as HF's
+  ``torch.multinomial``, here by the Gumbel top-k trick; warpers keep at least 2 tokens, as HF's do
+  in beam methods);
 - LLM classifier-free guidance on log-probs: ``uncond + g * (cond - uncond)``
   (HF ``UnbatchedClassifierFreeGuidanceLogitsProcessor``); the unconditional branch runs in the same
   batch with its own context (e.g. [IMG] alone, or a negative prompt) and, as in HF, position ids
@@ -70,8 +73,6 @@ class GenerationConfig:
         if self.num_beams < 1 or self.num_return_sequences < 1:
             raise ValueError("num_beams and num_return_sequences must be >= 1")
         if self.num_beams > 1:
-            if self.do_sample:
-                raise ValueError("beam sampling (num_beams > 1 with do_sample) is not supported")
             if self.num_return_sequences > self.num_beams:
                 raise ValueError(f"num_return_sequences={self.num_return_sequences} > num_beams={self.num_beams}")
             if self.use_guidance:
@@ -163,12 +164,13 @@ def process_scores(scores, step, cfg: GenerationConfig, uncond_scores=None, toke
     if cfg.suppress_ranges:
         scores = jnp.where(jnp.asarray(suppress_mask(v, cfg.suppress_ranges)), NEG_INF, scores)
     if cfg.do_sample:
+        keep = 2 if cfg.num_beams > 1 else 1  # HF: beam methods keep a non-eos continuation (1 eos id + 1)
         if cfg.temperature != 1.0:
             scores = scores / cfg.temperature
         if cfg.top_k:
-            scores = top_k_filter(scores, cfg.top_k)
+            scores = top_k_filter(scores, cfg.top_k, keep)
         if cfg.top_p < 1.0:
-            scores = top_p_filter(scores, cfg.top_p)
+            scores = top_p_filter(scores, cfg.top_p, keep)
     return scores
 
 
@@ -266,8 +268,14 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
 # ------------------------------------------------------------------------------------ beam search
 
 
+def sample_without_replacement(key, scores, k: int):
+    """k indices drawn without replacement from softmax(``scores``) [B, N] (in draw order; as
+    ``torch.multinomial(softmax(scores), k)``): the Gumbel top-k trick. -> indices [B, k] int32."""
+    return jax.lax.top_k(scores + jax.random.gumbel(key, scores.shape, jnp.float32), k)[1]
+
+
 @partial(jax.jit, static_argnames=("model", "cfg"))
-def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
+def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask, rng):
     nb = cfg.num_beams
     b = embeds.shape[0]
     m = cfg.max_new_tokens
@@ -300,7 +308,11 @@ def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask):
         log_probs = process_scores(log_probs, i, cfg, tokens=run_seq.reshape(b * nb, m))
         log_probs = log_probs.reshape(b, nb, v) + run_scores[:, :, None]
         log_probs = log_probs.reshape(b, nb * v)
-        topk_lp, topk_idx = jax.lax.top_k(log_probs, k)
+        if cfg.do_sample:  # beam sampling: HF draws the candidates with torch.multinomial
+            topk_idx = sample_without_replacement(jax.random.fold_in(rng, i), log_probs, k)
+            topk_lp = jnp.take_along_axis(log_probs, topk_idx, axis=1)
+        else:
+            topk_lp, topk_idx = jax.lax.top_k(log_probs, k)
         src_beam = topk_idx // v
         topk_ids = (topk_idx % v).astype(jnp.int32)
         topk_seq = gather(run_seq, src_beam)
@@ -428,8 +440,11 @@ def generate(
             f"inputs_embeds {inputs_embeds.shape} / attention_mask {attention_mask.shape}: expected [B, T, C] / [B, T]"
         )
     inputs_embeds, attention_mask = pad_to_bucket(inputs_embeds, attention_mask)
+    if config.do_sample and rng is None:
+        raise ValueError("do_sample=True needs an rng key")
     if config.num_beams > 1:
-        return _beam_generate(model, config, params, inputs_embeds, attention_mask)
+        return _beam_generate(model, config, params, inputs_embeds, attention_mask,
+                              jax.random.key(0) if rng is None else rng)
     if config.use_guidance:
         if uncond_embeds is None:
             raise ValueError("guidance_scale is set: pass uncond_embeds (e.g. the [IMG] embedding) and uncond_mask")
@@ -441,8 +456,6 @@ def generate(
         # included, so extra padding would move them (LaVIT's is [IMG] alone: one shape).
     else:
         uncond_embeds = uncond_mask = None
-    if config.do_sample and rng is None:
-        raise ValueError("do_sample=True needs an rng key")
     return _sample_generate(model, config, params, inputs_embeds, attention_mask, rng, uncond_embeds, uncond_mask)
 
 

@@ -141,15 +141,15 @@ def guided_sample(unet: UNet2DConditionModel, params, schedule: schedulers.Sched
         latents.astype(jnp.float32))
 
 
-@partial(jax.jit, static_argnames=("unet", "vae", "vae_float32"))
+@partial(jax.jit, static_argnames=("unet", "vae", "vae_dtype"))
 def _sample_and_decode(unet, vae, unet_params, vae_params, schedule, condition, latents, guidance_scale, key,
-                       vae_float32=True):
+                       vae_dtype="float32"):
     z = guided_sample(unet, unet_params, schedule, condition, latents, guidance_scale, key)
-    return decode_to_images(vae, vae_params, z, float32=vae_float32), z
+    return decode_to_images(vae, vae_params, z, dtype=vae_dtype), z
 
 
 _jit_step = jax.jit(guided_step, static_argnames=("unet",))
-_jit_decode = jax.jit(decode_to_images, static_argnames=("model", "float32"))
+_jit_decode = jax.jit(decode_to_images, static_argnames=("model", "dtype"))
 
 
 @partial(jax.jit, static_argnames=("unet",))
@@ -187,8 +187,8 @@ class DiffusionPipeline:
 
     def generate(self, condition: GuidedCondition, *, num_steps: int = 25, guidance_scale: float = 5.0,
                  seed: int = 0, height: int | None = None, width: int | None = None, noise=None,
-                 progress: bool = False, vae_float32: bool = True, eta: float = 0.0):
-        """Samples latents for ``condition`` and decodes them.
+                 progress: bool = False, vae_dtype: str | None = "float32", eta: float = 0.0):
+        """Samples latents for ``condition`` and decodes them (the VAE in ``vae_dtype``, None: the VAE's own).
 
         noise: optional standard-normal latents [B, h, w, C] (else drawn from ``seed``); height/width
         default to the UNet's ``sample_size`` times the VAE factor. Returns (images [B, H, W, 3] float32 in
@@ -206,11 +206,11 @@ class DiffusionPipeline:
         latents = jnp.asarray(noise, jnp.float32) * schedule.init_noise_sigma
         if not progress:
             return _sample_and_decode(self.unet, self.vae, self.unet_params, self.vae_params, schedule, condition,
-                                      latents, guidance_scale, step_key, vae_float32=vae_float32)
+                                      latents, guidance_scale, step_key, vae_dtype=vae_dtype)
         z = latents
         for i in tqdm(range(num_steps), desc="diffusion", unit="step"):
             z = _jit_step(self.unet, self.unet_params, schedule, condition, jnp.int32(i), z, guidance_scale, step_key)
-        return _jit_decode(self.vae, self.vae_params, z, float32=vae_float32), z
+        return _jit_decode(self.vae, self.vae_params, z, dtype=vae_dtype), z
 
 
 def to_pil(images) -> list:

@@ -238,16 +238,17 @@ def latents_to_vae(latents, config):
     return latents / config.scaling_factor + config.shift_factor
 
 
-def decode_to_images(model: AutoencoderKL, params, latents, *, float32: bool = True):
+def decode_to_images(model: AutoencoderKL, params, latents, *, dtype: str | None = "float32"):
     """Diffusion latents [B, h, w, c] -> images [B, H, W, 3] in [0, 1], float32.
 
-    ``float32`` runs the decoder in float32 (params and activations) whatever the model dtype, as LaVIT
-    does ("VAE decode in float32"); otherwise it runs in the model's dtype.
+    ``dtype`` runs the decoder (params and activations) in that dtype whatever the model's (e.g.
+    "float32", as the release's reconstruction does); None runs it in the model's dtype (the release's
+    generation: the VAE in the model precision).
     """
-    if float32:
-        model = model.clone(dtype=jnp.float32)
-        params = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-        latents = latents.astype(jnp.float32)
+    if dtype is not None:
+        model = model.clone(dtype=jnp.dtype(dtype))
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+        latents = latents.astype(dtype)
     z = latents_to_vae(latents, model.config)
     images = model.apply({"params": params}, z, method=AutoencoderKL.decode)
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
