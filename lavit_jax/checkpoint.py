@@ -5,7 +5,7 @@ Layout of a converted directory (``tools/convert_torch_weights.py`` writes it; `
 
     OUT/lavit.json                       parts present, dtype, tokenizer config, layer layout
     OUT/visual_tokenizer/{tokenizer,lowres_decoder,highres_decoder}/   Orbax trees
-    OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model}
+    OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model, text_tokenizer.json}
     OUT/pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json,
                         uncond_embeddings.npy}
     OUT/highres_pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json}
@@ -167,8 +167,9 @@ def tokenizer_config(ckpt_dir: str, **runtime) -> ml_collections.FrozenConfigDic
     return freeze(cfg, **runtime)
 
 
-def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=None, **runtime) -> VisualTokenizer:
-    """The converted visual tokenizer with its token decoders.
+def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, decoders: bool = True, mesh=None,
+                          **runtime) -> VisualTokenizer:
+    """The converted visual tokenizer with its token decoders (none read with ``decoders=False``).
 
     ``understanding`` lays the stage-2 merger + projector (``language_model/visual_weight``) over the
     tokenizer params, as the reference does for image understanding.
@@ -181,7 +182,7 @@ def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=No
         over = load_tree(os.path.join(ckpt_dir, "language_model", "visual_weight"))
         params = _merge(params, scan.relayout(over, TOKENIZER_STACKS, config.scan_layers))
     dec = {name: scan.relayout(load_tree(os.path.join(root, f"{name}_decoder")), DECODER_STACKS, config.scan_layers)
-           for name in DECODER_FOLDERS if f"{name}_decoder" in entry["files"]}
+           for name in DECODER_FOLDERS if decoders and f"{name}_decoder" in entry["files"]}
     return VisualTokenizer(config, params, dec, mesh)
 
 

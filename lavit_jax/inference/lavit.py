@@ -162,9 +162,11 @@ class LaVIT:
 
     @property
     def understanding_tokenizer(self):
-        """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path)."""
+        """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path; its
+        token decoders are not read)."""
         self.require("language_model", "image understanding")
-        return self._cached("vt_und", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir, understanding=True))
+        return self._cached("vt_und", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir, understanding=True,
+                                                                               decoders=False))
 
     @property
     def language_model(self):
