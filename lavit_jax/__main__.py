@@ -120,8 +120,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="converted checkpoint directory (default $LAVIT_CHECKPOINT)")
         sp.add_argument("--dtype", type=_dtype, default=None,
                         help="compute dtype: float32, bfloat16 or float16 (default: the stored dtype)")
+        sp.add_argument("--int8", action="store_true",
+                        help="LLM weights quantised to int8 at load (weight-only, per-channel scales)")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
-        sp.add_argument("--verbose", action="store_true", help="also show the libraries' INFO logs (Orbax)")
+        sp.add_argument("--verbose", action="store_true",
+                        help="show each part's load time and the libraries' INFO logs (Orbax)")
 
     def keep(sp, seed=True):
         sp.add_argument("--keep", choices=KEEP_MODES, default=None,
@@ -385,7 +388,8 @@ def _save_atomic(path: str, write) -> None:
 
 def run(args) -> None:
     _check_inputs(args)
-    model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype)
+    model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype, llm_weights="int8" if args.int8 else "float",
+                                  verbose=args.verbose)
     progress = not args.no_progress
     if args.command in ("caption", "vqa"):
         kw = _given(args, "keep", "seed", "temperature", "top_p", "top_k", "repetition_penalty")

@@ -40,7 +40,7 @@ from lavit_jax.inference.visual_tokenizer import VisualTokenizer
 from lavit_jax.models import llama, unet, vae
 from lavit_jax.models.token_decoder import DECODER_STACKS
 from lavit_jax.models.tokenizer import TOKENIZER_STACKS
-from lavit_jax.ops import scan
+from lavit_jax.ops import quant, scan
 from lavit_jax.ops.config import freeze
 
 SAFETY_CHECKER = "safety_checker"  # the optional part's folder
@@ -203,7 +203,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
-    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM."""
+    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM.
+
+    ``weights="int8"`` (a run-time knob, as ``attention_impl``): the projections and LM head are quantised at
+    load (``ops.quant.quantize_params``: int8 kernels + per-channel float32 scales)."""
     entry = part_entry(ckpt_dir, "language_model", "the language model")
     root = os.path.join(ckpt_dir, "language_model")
     dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
@@ -211,6 +214,8 @@ def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
                              **{"dtype": dtype.name, "param_dtype": dtype.name, **runtime})
     params = load_tree(os.path.join(root, "params"), dtype=dtype)  # straight into the compute dtype, on device
     params = scan.relayout(params, llama.LLAMA_STACKS, cfg.scan_layers)
+    if cfg.weights == "int8":
+        params = quant.quantize_params(params)
     return llama.LlamaForCausalLM(cfg), params, load_text_tokenizer(root)
 
 
