@@ -8,7 +8,8 @@ tiny SD-1.5/SDXL-style diffusers models), converts it, then for each CLI task ti
 first fills it, the second reuses it) and one process with the cache off (the compile-everything
 baseline). Finally, in one process, it counts XLA compilations while captioning 5 prompts of
 different lengths (after a warm-up in the first bucket; each prompt's bucket is listed: a new bucket
-compiles its programs once) and decoding with 3 step counts (all in one step bucket).
+compiles its programs once) and decoding with 3 step counts (all in one step bucket). The machine's load
+average is reported with the times (a shared machine's times scale with it).
 Compute on the tiny checkpoint takes milliseconds, so the times are start-up, loading and compilation.
 """
 
@@ -104,6 +105,7 @@ def main():
     rs = np.random.RandomState(0)
     Image.fromarray(rs.randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
     results = []
+    load_before = [round(x, 2) for x in os.getloadavg()]
     for task in args.tasks:
         cache = tempfile.mkdtemp(prefix="xla_cache_", dir=workdir)
         out = os.path.join(workdir, f"{task}.png")
@@ -123,7 +125,9 @@ def main():
     print(json.dumps({
         "benchmark": "CLI latency on the tiny converted checkpoint",
         "backend": jax.default_backend(), "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "results": results, "compilations": count_compilations(ckpt, img),
+        "cpu_count": os.cpu_count(), "load_average_1_5_15min": {"before": load_before,
+                                                                "after": [round(x, 2) for x in os.getloadavg()]},
+        "results": results, "compilations": count_compilations(ckpt, img),
     }, indent=1))
 
 
