@@ -12,13 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from lavit_jax.compile_cache import cached_jit
-
 WEIGHT_MODES = ("float", "int8")  # a model's ``weights`` knob: its kernels as stored, or int8 + scales
 QMAX = 127
 
 
-@cached_jit
+@jax.jit
 def quantize_kernel(kernel):
     """kernel [..., in, out] float -> {"kernel": int8 [..., in, out], "scale": float32 [..., out]}."""
     w = kernel.astype(jnp.float32)
