@@ -105,6 +105,8 @@ def _code_version() -> str:
 
 
 def _leaf_key(x):
+    if isinstance(x, jax.core.Tracer):
+        return None  # called inside another trace (a training step): plain jax.jit, inlined there
     if isinstance(x, jax.Array):
         return ("a", x.shape, str(x.dtype), getattr(x, "weak_type", False), str(x.sharding))
     if isinstance(x, np.ndarray | np.generic):

@@ -52,6 +52,10 @@ def test_a_later_process_runs_the_stored_program_without_tracing(exec_dir):
     np.testing.assert_allclose(_affine(params5, x5)[0]["y"], _want(params5, x5), rtol=1e-6)
     np.testing.assert_allclose(_affine(params, x, scale=3.0)[0]["y"], _want(params, x, 3.0), rtol=1e-6)
     assert len(TRACES) == 3 and len(os.listdir(exec_dir)) == 3
+    # inside another jit (e.g. a training step) it is plain jax.jit, traced into the outer program
+    outer = jax.jit(lambda p, x: _affine(p, x)[0]["y"] + 1.0)
+    np.testing.assert_allclose(outer(params, x), _want(params, x) + 1.0, rtol=1e-6)
+    assert len(os.listdir(exec_dir)) == 3
 
 
 def test_a_corrupt_entry_is_compiled_again_and_no_dir_is_plain_jit(exec_dir, monkeypatch):
