@@ -1,4 +1,4 @@
-"""The LLM's text tokenizer (LLaMA sentencepiece ``tokenizer.model`` through ``transformers``).
+"""The LLM's text tokenizer (LLaMA sentencepiece ``tokenizer.model``, through ``transformers`` or ``tokenizers``).
 
 ``load_text_tokenizer(path)`` takes a directory holding ``tokenizer.model`` (e.g. the checkpoint's
 ``language_model/``) or the file itself. A converted checkpoint also holds ``text_tokenizer.json``, the
