@@ -8,8 +8,11 @@ tiny SD-1.5/SDXL-style diffusers models), converts it, then for each CLI task ti
 first fills it, the second reuses it) and one process with the cache off (the compile-everything
 baseline). Finally, in one process, it counts XLA compilations while captioning 5 prompts of
 different lengths (after a warm-up in the first bucket; each prompt's bucket is listed: a new bucket
-compiles its programs once) and decoding with 3 step counts (all in one step bucket).
+compiles its programs once) and decoding with 3 step counts (all in one step bucket). The machine's load
+average is reported with the times (a shared machine's times scale with it).
 Compute on the tiny checkpoint takes milliseconds, so the times are start-up, loading and compilation.
+Each process's CPU time (user + system) is reported next to its wall time: on a shared, loaded machine
+the wall time stretches with the load, the CPU time much less.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import io
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -55,14 +59,17 @@ def build_checkpoint(workdir: str) -> str:
 
 
 def run_cli(args, ckpt, cache_env):
+    """(wall seconds, CPU seconds: user + system) of one CLI process."""
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", LAVIT_COMPILATION_CACHE=cache_env)
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "lavit_jax", *args, "--checkpoint", ckpt, "--no-progress"],
                           cwd=REPO, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{args[0]} failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return round(dt, 3)
+    return round(dt, 3), round(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime, 3)
 
 
 def count_compilations(ckpt, img):
@@ -104,26 +111,24 @@ def main():
     rs = np.random.RandomState(0)
     Image.fromarray(rs.randint(0, 255, (64, 64, 3), dtype=np.uint8)).save(img)
     results = []
+    load_before = [round(x, 2) for x in os.getloadavg()]
     for task in args.tasks:
         cache = tempfile.mkdtemp(prefix="xla_cache_", dir=workdir)
         out = os.path.join(workdir, f"{task}.png")
         cli = TASKS[task](img, out)
-        first = run_cli(cli, ckpt, cache)
-        if os.path.exists(out):
-            os.remove(out)
-        second = run_cli(cli, ckpt, cache)
-        if os.path.exists(out):
-            os.remove(out)
-        no_cache = run_cli(cli, ckpt, "0")
-        if os.path.exists(out):
-            os.remove(out)
-        results.append({"task": task, "first_process_s": first, "second_process_s": second,
-                        "without_cache_s": no_cache})
+        times = {}
+        for run, cache_env in (("first_process", cache), ("second_process", cache), ("without_cache", "0")):
+            times[f"{run}_s"], times[f"{run}_cpu_s"] = run_cli(cli, ckpt, cache_env)
+            if os.path.exists(out):
+                os.remove(out)
+        results.append({"task": task, **times})
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(json.dumps({
         "benchmark": "CLI latency on the tiny converted checkpoint",
         "backend": jax.default_backend(), "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "results": results, "compilations": count_compilations(ckpt, img),
+        "cpu_count": os.cpu_count(), "load_average_1_5_15min": {"before": load_before,
+                                                                "after": [round(x, 2) for x in os.getloadavg()]},
+        "results": results, "compilations": count_compilations(ckpt, img),
     }, indent=1))
 
 

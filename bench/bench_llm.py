@@ -4,7 +4,10 @@ CPU: a reduced model (sizes in the output). GPU (jax.default_backend() == 'gpu')
 shape in bf16 with the fraction of the HBM-bandwidth bound reached by decoding (bound = bandwidth /
 bytes of weights + KV cache read per step).
 
-    PYTHONPATH=. python bench/bench_llm.py [--hidden 256 --layers 4 --prompt 128 --new 32]
+    PYTHONPATH=. python bench/bench_llm.py [--hidden 256 --layers 4 --prompt 128 --new 32] [--int8]
+
+``--int8`` adds each shape with int8 weight-only projections (``lavit_jax.ops.quant``, per-channel scales;
+its HBM bound counts the int8 bytes). Its accuracy against float: ``bench/bench_int8.py``.
 """
 
 import argparse
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 
 from lavit_jax.inference import generation
 from lavit_jax.models import llama
+from lavit_jax.ops import quant
 
 HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "L4": 0.3e12}
 
@@ -30,8 +34,12 @@ def _time(fn, reps):
 
 def bench_jax(cfg, batch, prompt, new, reps, dtype):
     model = llama.LlamaForCausalLM(cfg)
-    params = jax.jit(lambda: llama.init_params(cfg, jax.random.PRNGKey(0)))()
+    int8 = cfg.weights == "int8"
+    init_cfg = llama.llama_config(dict(cfg.items()), weights="float") if int8 else cfg
+    params = jax.jit(lambda: llama.init_params(init_cfg, jax.random.PRNGKey(0)))()
     params = jax.tree.map(lambda x: x.astype(dtype), params)
+    if int8:
+        params = quant.quantize_params(params)
     ids = jax.random.randint(jax.random.PRNGKey(1), (batch, prompt), 3, 32000)
     mask = jnp.ones((batch, prompt), jnp.int32)
     prefill = jax.jit(lambda p, i, m: model.apply({"params": p}, input_ids=i, attention_mask=m)[0][:, -1])
@@ -124,6 +132,7 @@ def main():
     p.add_argument("--new", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--skip-7b", action="store_true")
+    p.add_argument("--int8", action="store_true", help="also run each shape with int8 weight-only projections")
     args = p.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     backend = jax.default_backend()
@@ -135,6 +144,9 @@ def main():
     if backend != "gpu":
         report["note"] = "CPU: reduced model size (not the 7B shape); float32"
     report["results"].append(run_shape("reduced", small, args, jnp.float32, torch.float32))
+    if args.int8:
+        report["results"].append(run_shape("reduced-int8", llama.llama_config(dict(small.items()), weights="int8"),
+                                           args, jnp.float32, torch.float32, with_torch=False))
     if backend == "gpu" and not args.skip_7b:
         kind = jax.devices()[0].device_kind
         bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), None)
@@ -145,6 +157,9 @@ def main():
         report["hbm_bytes_per_s"] = bw
         report["results"].append(run_shape("llama2-7b", big, args, jnp.bfloat16, torch.bfloat16, bandwidth=bw,
                                            with_torch=torch.cuda.is_available()))
+        if args.int8:
+            report["results"].append(run_shape("llama2-7b-int8", llama.llama_config(dict(big.items()), weights="int8"),
+                                               args, jnp.bfloat16, torch.bfloat16, bandwidth=bw, with_torch=False))
     print(json.dumps(report, indent=1))
 
 

@@ -5,7 +5,7 @@ Layout of a converted directory (``tools/convert_torch_weights.py`` writes it; `
 
     OUT/lavit.json                       parts present, dtype, tokenizer config, layer layout
     OUT/visual_tokenizer/{tokenizer,lowres_decoder,highres_decoder}/   Orbax trees
-    OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model}
+    OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model, text_tokenizer.json}
     OUT/pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json,
                         uncond_embeddings.npy}
     OUT/highres_pixel_decoding/{unet/, vae/, unet_config.json, vae_config.json, scheduler_config.json}
@@ -40,7 +40,7 @@ from lavit_jax.inference.visual_tokenizer import VisualTokenizer
 from lavit_jax.models import llama, unet, vae
 from lavit_jax.models.token_decoder import DECODER_STACKS
 from lavit_jax.models.tokenizer import TOKENIZER_STACKS
-from lavit_jax.ops import scan
+from lavit_jax.ops import quant, scan
 from lavit_jax.ops.config import freeze
 
 SAFETY_CHECKER = "safety_checker"  # the optional part's folder
@@ -167,8 +167,9 @@ def tokenizer_config(ckpt_dir: str, **runtime) -> ml_collections.FrozenConfigDic
     return freeze(cfg, **runtime)
 
 
-def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=None, **runtime) -> VisualTokenizer:
-    """The converted visual tokenizer with its token decoders.
+def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, decoders: bool = True, mesh=None,
+                          **runtime) -> VisualTokenizer:
+    """The converted visual tokenizer with its token decoders (none read with ``decoders=False``).
 
     ``understanding`` lays the stage-2 merger + projector (``language_model/visual_weight``) over the
     tokenizer params, as the reference does for image understanding.
@@ -181,7 +182,7 @@ def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, mesh=No
         over = load_tree(os.path.join(ckpt_dir, "language_model", "visual_weight"))
         params = _merge(params, scan.relayout(over, TOKENIZER_STACKS, config.scan_layers))
     dec = {name: scan.relayout(load_tree(os.path.join(root, f"{name}_decoder")), DECODER_STACKS, config.scan_layers)
-           for name in DECODER_FOLDERS if f"{name}_decoder" in entry["files"]}
+           for name in DECODER_FOLDERS if decoders and f"{name}_decoder" in entry["files"]}
     return VisualTokenizer(config, params, dec, mesh)
 
 
@@ -202,7 +203,10 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
-    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM."""
+    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM.
+
+    ``weights="int8"`` (a run-time knob, as ``attention_impl``): the projections and LM head are quantised at
+    load (``ops.quant.quantize_params``: int8 kernels + per-channel float32 scales)."""
     entry = part_entry(ckpt_dir, "language_model", "the language model")
     root = os.path.join(ckpt_dir, "language_model")
     dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
@@ -210,6 +214,8 @@ def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
                              **{"dtype": dtype.name, "param_dtype": dtype.name, **runtime})
     params = load_tree(os.path.join(root, "params"), dtype=dtype)  # straight into the compute dtype, on device
     params = scan.relayout(params, llama.LLAMA_STACKS, cfg.scan_layers)
+    if cfg.weights == "int8":
+        params = quant.quantize_params(params)
     return llama.LlamaForCausalLM(cfg), params, load_text_tokenizer(root)
 
 

@@ -30,6 +30,17 @@ PARTIAL = "partial"
 OLD = "old"
 
 
+
+CACHE_ENV = "LAVIT_CACHE"
+
+
+def cache_home() -> str:
+    """lavit-jax's cache root: ``$LAVIT_CACHE``, else ``$XDG_CACHE_HOME/lavit-jax`` (``~/.cache/lavit-jax``)."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lavit-jax")
+
 def resolve(path) -> str:
     """Absolute path with ``..`` and symlinks resolved (the path need not exist)."""
     return os.path.realpath(os.path.abspath(os.fspath(path)))

@@ -29,22 +29,14 @@ import os
 import re
 
 from lavit_jax import checkpoint
+from lavit_jax.fsutil import cache_home
 
-CACHE_ENV = "LAVIT_CACHE"
 # The folders of the released layout that the converter reads (``convert/converter.py`` PARTS).
 RELEASE_PATTERNS = ("visual_tokenizer/*", "language_model/*", "pixel_decoding/*", "highres_pixel_decoding/*")
 CONVERSION_DTYPES = ("bfloat16", "float32")
 DEFAULT_CONVERSION_DTYPE = "bfloat16"  # the release's precision
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 _RELEASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lavit_7b.py")
-
-
-def cache_home() -> str:
-    """lavit-jax's cache root: ``$LAVIT_CACHE``, else ``$XDG_CACHE_HOME/lavit-jax`` (``~/.cache/lavit-jax``)."""
-    if os.environ.get(CACHE_ENV):
-        return os.path.abspath(os.path.expanduser(os.environ[CACHE_ENV]))
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "lavit-jax")
 
 
 def is_repo_id(name) -> bool:

@@ -256,6 +256,9 @@ def test_keep_and_seed_are_passed_to_the_api(env, tmp_path, capsys, recorder):
         assert recorder.calls[-1] == (task, {**recorder.calls[-1][1], "keep": "sample", "seed": 3})
     rc, out, err = run_cli(capsys, "caption", img, "--dtype", "bf16", *ck)
     assert rc == 0 and recorder.loads[-1]["dtype"] == "bfloat16"
+    assert recorder.loads[-1]["llm_weights"] == "float" and not recorder.loads[-1]["verbose"]
+    rc, out, err = run_cli(capsys, "vqa", img, "what is it?", "--int8", "--verbose", *ck)
+    assert rc == 0 and recorder.loads[-1]["llm_weights"] == "int8" and recorder.loads[-1]["verbose"]
 
 
 def test_caption_and_vqa_sampling_options_reach_the_api(env, capsys, recorder):

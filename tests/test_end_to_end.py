@@ -409,6 +409,7 @@ ids, n = m.visual_tokenizer.tokenize(sys.argv[2], add_special=True)
 cap = m.caption(sys.argv[2], max_new_tokens=4, min_new_tokens=1)
 img = m.text2image("a red square", steps=2, size=16, max_new_tokens=8, min_new_tokens=2)
 assert "torch" not in {k for k, v in sys.modules.items() if v is not None}
+assert "transformers" not in sys.modules  # the converted text_tokenizer.json is read with tokenizers alone
 print("OK", int(n[0]), repr(cap), img.size)
 """
 

@@ -154,6 +154,23 @@ def test_cfg_greedy_matches_hf_guidance(tiny, negative):
     plain = generation.generate_from_ids(model, params, ids, mask, GenerationConfig(**{**kw, "guidance_scale": None}))
     assert not np.array_equal(np.asarray(plain.tokens)[:, : hf_new.shape[1]], hf_new)
     _assert_same_tokens(ours, hf_new)
+    if negative:
+        return
+    # the guidance scale is traced: another scale reuses the compiled program and still matches HF
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ours = generation.generate(model, params, embed(ids), jnp.asarray(mask), GenerationConfig(**{
+            **kw, "guidance_scale": 1.5}), uncond_embeds=ue, uncond_mask=um)
+        jax.block_until_ready(ours)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **{
+            **hf_kw, "guidance_scale": 1.5})
+    _assert_same_tokens(ours, _hf_new_tokens(ref, ids.shape[1]))
 
 
 class _FixedLogitsModel(torch.nn.Module):

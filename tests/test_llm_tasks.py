@@ -50,6 +50,28 @@ def test_tokenizer_matches_sentencepiece(tok):
     assert ours.decode_batch([sp.encode("a sculpture of a duck")])[0] == "a sculpture of a duck"
 
 
+@pytest.mark.parity
+def test_converted_fast_tokenizer_matches_transformers(tok, tmp_path):
+    """text_tokenizer.json (read with tokenizers alone) encodes, pads and decodes as transformers' LlamaTokenizer."""
+    from lavit_jax.data import text_tokenizer
+
+    hf, sp = tok
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer.model").write_bytes(sp.serialized_model_proto())
+    text_tokenizer.save_fast_tokenizer(src, tmp_path / text_tokenizer.FAST_FILE)
+    fast = load_text_tokenizer(tmp_path)
+    assert fast.fast is not None and fast.hf is None
+    assert (fast.bos_id, fast.eos_id, fast.pad_id, fast.vocab_size) == (hf.bos_id, hf.eos_id, hf.pad_id, hf.vocab_size)
+    texts = LINES + ["  two  spaces", "Ünïcödé 😀 and </s> <s> tags", "x", "new\nline", ""]
+    for t in texts:
+        assert fast.encode(t) == hf.encode(t), t
+    for got, want in zip(fast.encode_batch(texts, length=32), hf.encode_batch(texts, length=32)):
+        np.testing.assert_array_equal(got, want)
+    rows = np.random.RandomState(0).randint(0, hf.vocab_size + 20, (16, 12))
+    assert fast.decode_batch(rows, with_dropped=True) == hf.decode_batch(rows, with_dropped=True)
+
+
 def test_decoding_counts_ids_without_text_and_empty_captions_say_why(tok, caplog):
     ours, sp = tok
     ids = [*sp.encode("a horse"), 5000, 31999]  # 400 pieces: the last two ids have no text

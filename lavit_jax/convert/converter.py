@@ -36,7 +36,7 @@ from lavit_jax.convert import diffusers as convert_diffusers
 from lavit_jax.convert import llama as convert_llama
 from lavit_jax.convert import tokenizer as convert_tokenizer
 from lavit_jax.convert import torch_io
-from lavit_jax.data.text_tokenizer import load_text_tokenizer
+from lavit_jax.data.text_tokenizer import FAST_FILE, load_text_tokenizer, save_fast_tokenizer
 from lavit_jax.ops.config import as_dict, freeze
 
 LANGUAGE_MODEL_COPY = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
@@ -142,7 +142,8 @@ def convert_visual_tokenizer(src: str, out: str, tokenizer_config, dtype: str, l
 
 
 def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log) -> dict:
-    """language_model/ -> OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model}.
+    """language_model/ -> OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model,
+    text_tokenizer.json}.
 
     ``visual_weight.bin`` (stage-2 merger + projector) becomes a partial tokenizer param tree that is
     laid over the tokenizer params for understanding.
@@ -159,6 +160,7 @@ def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log
     for name in LANGUAGE_MODEL_COPY:
         if os.path.isfile(os.path.join(lm_src, name)):
             shutil.copyfile(os.path.join(lm_src, name), os.path.join(lm_out, name))
+    save_fast_tokenizer(lm_src, os.path.join(lm_out, FAST_FILE))  # read without transformers at run time
     entry = {"config": as_dict(cfg), "shards": [os.path.basename(f) for f in files], "visual_weight": False}
     vw = os.path.join(lm_src, "visual_weight.bin")
     if os.path.isfile(vw):

@@ -14,12 +14,10 @@ jit with a ``lax.fori_loop`` over the steps (``sampling.py``).
 
 from __future__ import annotations
 
-from functools import partial
-
-import jax
 import jax.numpy as jnp
 
 from lavit_jax import vocab
+from lavit_jax.compile_cache import cached_jit
 from lavit_jax.inference import sampling as diffusion
 from lavit_jax.models.codebook import lookup
 from lavit_jax.models.token_decoder import TokenDecoder
@@ -28,7 +26,7 @@ from lavit_jax.ops.config import freeze
 DECODERS = ("lowres", "highres")
 
 
-@partial(jax.jit, static_argnames=("decoder",))
+@cached_jit(static_argnames=("decoder",))
 def token_condition(decoder: TokenDecoder, decoder_params, codebook, ids, lengths):
     """LLM-space ids [B, N] + lengths [B] -> token decoder output (low-res condition [B, 256, D], or
     (prompt_embeds, pooled) for high-res). Padding positions are zeroed and masked by ``lengths``.

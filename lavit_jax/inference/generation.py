@@ -29,13 +29,13 @@ Everything is compiled once per (model, GenerationConfig, input shapes): ``jax.j
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lavit_jax.compile_cache import cached_jit
 from lavit_jax.models.llama import default_positions, init_cache
 
 NEG_INF = -jnp.inf
@@ -94,6 +94,10 @@ class GenerationConfig:
         return self.guidance_scale is not None and self.guidance_scale != 1
 
 
+# The static config's guidance_scale when the scale is passed as a traced value (any value that turns CFG on).
+TRACED_GUIDANCE = 0.0
+
+
 class GenerationOutput(NamedTuple):
     tokens: jax.Array  # [B * R, max_new_tokens] int32, pad after the end
     lengths: jax.Array  # [B * R] int32, generated tokens incl. eos
@@ -146,15 +150,17 @@ def repetition_penalty(scores, tokens, step, penalty: float):
     return jnp.where(present, penalised, scores)
 
 
-def process_scores(scores, step, cfg: GenerationConfig, uncond_scores=None, tokens=None):
+def process_scores(scores, step, cfg: GenerationConfig, uncond_scores=None, tokens=None, guidance_scale=None):
     """Applies HF's processors in HF's order to next-token scores [N, V] at new-token index ``step``.
 
     tokens [N, M]: the ids generated so far (columns < step), needed when ``cfg.repetition_penalty != 1``.
+    guidance_scale: the CFG scale as a (traced) value, else ``cfg.guidance_scale``.
     """
     if cfg.use_guidance:
         cond = jax.nn.log_softmax(scores, axis=-1)
         unc = jax.nn.log_softmax(uncond_scores, axis=-1)
-        scores = cfg.guidance_scale * (cond - unc) + unc
+        g = cfg.guidance_scale if guidance_scale is None else guidance_scale
+        scores = g * (cond - unc) + unc
     if cfg.repetition_penalty != 1.0:
         scores = repetition_penalty(scores, tokens, step, cfg.repetition_penalty)
     v = scores.shape[-1]
@@ -198,8 +204,9 @@ def _lengths(tokens, n_steps, eos):
 # ------------------------------------------------------------------------------------ greedy / sampling
 
 
-@partial(jax.jit, static_argnames=("model", "cfg"))
-def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, uncond_embeds, uncond_mask):
+@cached_jit(static_argnames=("model", "cfg"))
+def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, uncond_embeds, uncond_mask,
+                     guidance_scale=None):
     r = cfg.num_return_sequences
     embeds = jnp.repeat(embeds, r, axis=0)
     mask = jnp.repeat(mask.astype(jnp.int32), r, axis=0)
@@ -229,7 +236,7 @@ def _sample_generate(model, cfg: GenerationConfig, params, embeds, mask, rng, un
 
     def select(logits_last, step, finished, key, tokens):
         unc = logits_last[n:] if cfg.use_guidance else None
-        scores = process_scores(logits_last[:n], step, cfg, unc, tokens)
+        scores = process_scores(logits_last[:n], step, cfg, unc, tokens, guidance_scale)
         if cfg.do_sample:
             tok = jax.random.categorical(jax.random.fold_in(key, step), scores, axis=-1)
         else:
@@ -274,7 +281,7 @@ def sample_without_replacement(key, scores, k: int):
     return jax.lax.top_k(scores + jax.random.gumbel(key, scores.shape, jnp.float32), k)[1]
 
 
-@partial(jax.jit, static_argnames=("model", "cfg"))
+@cached_jit(static_argnames=("model", "cfg"))
 def _beam_generate(model, cfg: GenerationConfig, params, embeds, mask, rng):
     nb = cfg.num_beams
     b = embeds.shape[0]
@@ -410,7 +417,7 @@ def pad_to_bucket(embeds, mask):
     return _left_pad_host(embeds, extra), _left_pad_host(mask, extra)
 
 
-@partial(jax.jit, static_argnames=("model",))
+@cached_jit(static_argnames=("model",))
 def embed_ids(model, params, ids):
     """Token embeddings of ids [B, T] with the model's own table (jitted; the model is static)."""
     return model.apply({"params": params}, ids, method=model.embed)
@@ -454,9 +461,13 @@ def generate(
             raise ValueError(f"uncond_embeds batch {uncond_embeds.shape[0]} != inputs batch {inputs_embeds.shape[0]}")
         # The unconditional context is not bucketed: HF counts its positions from its first slot, padding
         # included, so extra padding would move them (LaVIT's is [IMG] alone: one shape).
+        # The scale is traced: every guidance scale shares one compiled program.
+        guidance = jnp.float32(config.guidance_scale)
+        config = dataclasses.replace(config, guidance_scale=TRACED_GUIDANCE)
     else:
-        uncond_embeds = uncond_mask = None
-    return _sample_generate(model, config, params, inputs_embeds, attention_mask, rng, uncond_embeds, uncond_mask)
+        uncond_embeds = uncond_mask = guidance = None
+    return _sample_generate(model, config, params, inputs_embeds, attention_mask, rng, uncond_embeds, uncond_mask,
+                            guidance)
 
 
 def generate_from_ids(model, params, input_ids, attention_mask, config: GenerationConfig, **kw) -> GenerationOutput:

@@ -33,6 +33,7 @@ from lavit_jax.data import image_io
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults, llm_tasks
 from lavit_jax.inference.sampling import to_pil
+from lavit_jax.ops import quant
 
 __all__ = ["LaVIT", "CheckpointPartError"]
 
@@ -127,10 +128,15 @@ class LaVIT:
     low_memory: free the language model once a generation task has its visual ids, before the diffusion
     stage loads (one stage in memory at a time; the LLM is read again by the next task that needs it).
     verbose: log each part's load time.
+    llm_weights: "float" (as stored / ``dtype``) or "int8" (the LLM's projections and LM head quantised at load,
+    weight-only with per-channel scales: ``lavit_jax.ops.quant``; activations stay in ``dtype``).
     """
 
     def __init__(self, ckpt_dir: str, manifest: dict, *, dtype=None, attention_impl: str = "xla",
-                 low_memory: bool = False, verbose: bool = False):
+                 low_memory: bool = False, verbose: bool = False, llm_weights: str = "float"):
+        if llm_weights not in quant.WEIGHT_MODES:
+            raise ValueError(f"llm_weights={llm_weights!r} is not one of {quant.WEIGHT_MODES}")
+        self.llm_weights = llm_weights
         self.ckpt_dir = os.path.abspath(ckpt_dir)
         self.manifest = manifest
         self.dtype = jnp.dtype(dtype or manifest.get("dtype", "float32"))
@@ -144,21 +150,21 @@ class LaVIT:
     def from_pretrained(cls, ckpt_dir: str | os.PathLike, *, dtype=None, attention_impl: str = "xla",
                         compilation_cache: bool = True, low_memory: bool = False, verbose: bool = False,
                         revision: str | None = None, conversion_dtype: str = hub.DEFAULT_CONVERSION_DTYPE,
-                        config=None) -> LaVIT:
+                        config=None, llm_weights: str = "float") -> LaVIT:
         """Opens a directory written by ``tools/convert_torch_weights.py``, or a Hugging Face Hub repo id
         (``"rain1011/LaVIT-7B-v2"``, at ``revision``): downloaded and converted once into a cache keyed by
         repo, commit and ``conversion_dtype`` (``lavit_jax.hub``; ``config``: the tokenizer config the
         conversion uses, default the release's). Parts load on first use.
 
         ``compilation_cache`` turns on JAX's persistent compilation cache (``lavit_jax.compile_cache``), so
-        later processes reuse the compiled programs. ``low_memory``, ``verbose``: see the class.
+        later processes reuse the compiled programs. ``low_memory``, ``verbose``, ``llm_weights``: see the class.
         """
         ckpt_dir = hub.resolve(ckpt_dir, revision=revision, conversion_dtype=conversion_dtype, config=config,
                                log=lambda msg: print(msg, file=sys.stderr))
         if compilation_cache:
             compile_cache.enable()
         return cls(ckpt_dir, checkpoint.read_manifest(ckpt_dir), dtype=dtype, attention_impl=attention_impl,
-                   low_memory=low_memory, verbose=verbose)
+                   low_memory=low_memory, verbose=verbose, llm_weights=llm_weights)
 
     # ------------------------------------------------------------------------------------------ parts
 
@@ -190,9 +196,11 @@ class LaVIT:
 
     @property
     def understanding_tokenizer(self):
-        """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path)."""
+        """The tokenizer with ``visual_weight.bin``'s merger + projector laid over (understanding path; its
+        token decoders are not read)."""
         self.require("language_model", "image understanding")
-        return self._cached("vt_und", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir, understanding=True))
+        return self._cached("vt_und", lambda: checkpoint.load_visual_tokenizer(self.ckpt_dir, understanding=True,
+                                                                               decoders=False))
 
     @property
     def language_model(self):
@@ -201,7 +209,8 @@ class LaVIT:
 
     def _load_language_model(self):
         model, params, tok = checkpoint.load_language_model(self.ckpt_dir, dtype=self.dtype,
-                                                            attention_impl=self.attention_impl)
+                                                            attention_impl=self.attention_impl,
+                                                            weights=self.llm_weights)
         if tok.vocab_size < vocab.TEXT_VOCAB:
             print(f"warning: the text tokenizer of {self.ckpt_dir} has {tok.vocab_size} pieces, fewer than the "
                   f"LLM's {vocab.TEXT_VOCAB} text ids: generated ids {tok.vocab_size}..{vocab.TEXT_VOCAB - 1} "

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import functools
 import logging
-from functools import partial
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lavit_jax.compile_cache import cached_jit
 from lavit_jax.inference import defaults
 from lavit_jax.inference.generation import GenerationConfig, GenerationOutput, embed_ids, generate, length_bucket
 from lavit_jax.models.tokenizer import compact
@@ -82,7 +81,7 @@ def _const(value, b, dtype=jnp.int32):
     return jnp.full((b, 1), value, dtype), jnp.ones((b,), jnp.int32), "front"
 
 
-@partial(jax.jit, static_argnames=("model",))
+@cached_jit(static_argnames=("model",))
 def _understanding_inputs(model, params, feats, lengths, text_ids, text_mask):
     b = feats.shape[0]
     emb = lambda ids: model.apply({"params": params}, ids, method=model.embed)  # noqa: E731
@@ -102,7 +101,7 @@ def understanding_inputs(model, params, feats, lengths, text_ids=None, text_mask
                                  text_mask)
 
 
-@jax.jit
+@cached_jit
 def image_prompt_ids(text_ids, text_mask):
     """text + [IMG] -> (ids [B, T], mask [B, T]) left-padded with pad id 2 (text-to-image). Jitted."""
     b = text_ids.shape[0]

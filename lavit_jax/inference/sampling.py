@@ -27,6 +27,7 @@ from flax import struct
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lavit_jax.compile_cache import cached_jit
 from lavit_jax.inference import schedulers
 from lavit_jax.models.unet import UNet2DConditionModel
 from lavit_jax.models.vae import AutoencoderKL, decode_to_images
@@ -141,7 +142,7 @@ def guided_sample(unet: UNet2DConditionModel, params, schedule: schedulers.Sched
         latents.astype(jnp.float32))
 
 
-@partial(jax.jit, static_argnames=("unet", "vae", "vae_dtype"))
+@cached_jit(static_argnames=("unet", "vae", "vae_dtype"))
 def _sample_and_decode(unet, vae, unet_params, vae_params, schedule, condition, latents, guidance_scale, key,
                        vae_dtype="float32"):
     z = guided_sample(unet, unet_params, schedule, condition, latents, guidance_scale, key)

@@ -11,11 +11,10 @@ as a static argument, so every VisualTokenizer of the same config shares one com
 
 from __future__ import annotations
 
-from functools import partial
-
 import jax
 import jax.numpy as jnp
 
+from lavit_jax.compile_cache import cached_jit
 from lavit_jax.data.image_io import preprocess
 from lavit_jax.inference.detokenizer import token_condition
 from lavit_jax.models.token_decoder import TokenDecoder
@@ -35,14 +34,14 @@ def model_keep_mode(mode: str) -> str:
     return "gumbel" if mode in ("sample", "gumbel") else "argmax"
 
 
-@partial(jax.jit, static_argnames=("model", "mode", "add_special"))
+@cached_jit(static_argnames=("model", "mode", "add_special"))
 def tokenize_pixels(model: DynamicVisualTokenizer, params, pixels, rng, mode: str, add_special: bool):
     """pixels [B, H, W, 3] -> (LLM ids [B, N(+2)] padded with 0, lengths [B])."""
     codes, lengths = model.apply({"params": params}, pixels, mode=mode, rng=rng, method="tokenize")
     return to_llm_ids(codes, lengths, add_special=add_special)
 
 
-@partial(jax.jit, static_argnames=("model", "mode"))
+@cached_jit(static_argnames=("model", "mode"))
 def understanding_features(model: DynamicVisualTokenizer, params, pixels, rng, mode: str):
     """pixels -> (continuous LLM inputs [B, N, llm_embed_dim] compacted, lengths [B])."""
     return model.apply({"params": params}, pixels, mode=mode, rng=rng, method="understanding_features")

@@ -36,6 +36,7 @@ from flax import linen as nn
 from lavit_jax.ops.attention import dot_product_attention
 from lavit_jax.ops.config import freeze
 from lavit_jax.ops.layers import dense
+from lavit_jax.ops.quant import WEIGHT_MODES, Int8Dense
 from lavit_jax.ops.remat import check_remat
 from lavit_jax.ops.scan import make_layers, run_layers
 
@@ -66,6 +67,7 @@ _RUNTIME_DEFAULTS = dict(
     attention_impl="xla",  # see lavit_jax.ops.attention
     remat="none",  # see lavit_jax.ops.remat
     scan_layers=True,  # decoder layers under nn.scan
+    weights="float",  # "int8": projections and LM head on int8 kernels + per-channel scales (ops/quant.py)
 )
 
 
@@ -75,7 +77,7 @@ def llama_config(hf_config: Mapping, source: str = "config", **runtime) -> ml_co
     Fields: vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads, head_dim, rms_norm_eps, rope_theta, rope_scaling, tie_word_embeddings,
     max_position_embeddings; run-time knobs (``runtime`` overrides the dict): dtype, param_dtype,
-    attention_impl, remat, scan_layers. ``source`` names the dict in errors (e.g. its file).
+    attention_impl, remat, scan_layers, weights ("float" | "int8"). ``source`` names the dict in errors (e.g. its file).
     """
     if not isinstance(hf_config, Mapping | ml_collections.ConfigDict):
         raise TypeError(f"llama_config takes a dict, got {type(hf_config).__name__}")
@@ -99,6 +101,8 @@ def llama_config(hf_config: Mapping, source: str = "config", **runtime) -> ml_co
         raise ValueError(f"unknown LLaMA run-time option(s) {unknown}: expected {sorted(_RUNTIME_DEFAULTS)}")
     cfg.update({k: v for k, v in runtime.items() if v is not None})
     check_remat(cfg["remat"], "remat")
+    if cfg["weights"] not in WEIGHT_MODES:
+        raise ValueError(f"{source}: weights={cfg['weights']!r} is not one of {WEIGHT_MODES}")
     if cfg["num_key_value_heads"] is None:
         cfg["num_key_value_heads"] = cfg["num_attention_heads"]
     if cfg["head_dim"] is None:
@@ -191,6 +195,15 @@ def _dtype(name):
     return jnp.dtype(name) if isinstance(name, str) else name
 
 
+def _linear(cfg, features: int, axes, name: str):
+    """A bias-free projection: ``nn.Dense``, or ``Int8Dense`` (int8 kernel + per-channel scales) when
+    ``cfg.weights == "int8"``."""
+    if cfg.weights == "int8":
+        return Int8Dense(features, axes, dtype=_dtype(cfg.dtype), name=name)
+    return dense(features, axes, use_bias=False, dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                 name=name)
+
+
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention with RoPE and an optional static KV cache.
 
@@ -202,12 +215,12 @@ class LlamaAttention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, attention_mask, layer_cache=None, cache_index=None, segment_ids=None):
         cfg = self.config
-        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+        dt = _dtype(cfg.dtype)
         h, k, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         b, t, _ = x.shape
-        q = dense(h * d, ("embed", "heads"), use_bias=False, dtype=dt, param_dtype=pdt, name="q_proj")(x)
-        kk = dense(k * d, ("embed", "kv_heads"), use_bias=False, dtype=dt, param_dtype=pdt, name="k_proj")(x)
-        vv = dense(k * d, ("embed", "kv_heads"), use_bias=False, dtype=dt, param_dtype=pdt, name="v_proj")(x)
+        q = _linear(cfg, h * d, ("embed", "heads"), "q_proj")(x)
+        kk = _linear(cfg, k * d, ("embed", "kv_heads"), "k_proj")(x)
+        vv = _linear(cfg, k * d, ("embed", "kv_heads"), "v_proj")(x)
         q = q.reshape(b, t, h, d)
         kk = kk.reshape(b, t, k, d)
         vv = vv.reshape(b, t, k, d)
@@ -239,7 +252,7 @@ class LlamaAttention(nn.Module):
                                         implementation=cfg.attention_impl)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         out = out.reshape(b, t, h * d)
-        out = dense(cfg.hidden_size, ("heads", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, name="o_proj")(out)
+        out = _linear(cfg, cfg.hidden_size, ("heads", "embed"), "o_proj")(out)
         return out, new_cache
 
 
@@ -251,12 +264,11 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
         f = cfg.intermediate_size
-        gate = dense(f, ("embed", "mlp"), use_bias=False, dtype=dt, param_dtype=pdt, name="gate_proj")(x)
-        up = dense(f, ("embed", "mlp"), use_bias=False, dtype=dt, param_dtype=pdt, name="up_proj")(x)
+        gate = _linear(cfg, f, ("embed", "mlp"), "gate_proj")(x)
+        up = _linear(cfg, f, ("embed", "mlp"), "up_proj")(x)
         hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        down = dense(cfg.hidden_size, ("mlp", "embed"), use_bias=False, dtype=dt, param_dtype=pdt, name="down_proj")
+        down = _linear(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")
         return down(hidden)
 
 
@@ -310,9 +322,7 @@ class LlamaForCausalLM(nn.Module):
                                   in_axes=_LAYER_IN_AXES)
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="norm")
         if not cfg.tie_word_embeddings:
-            self.lm_head = dense(
-                cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dt, param_dtype=pdt, name="lm_head"
-            )
+            self.lm_head = _linear(cfg, cfg.vocab_size, ("embed", "vocab"), "lm_head")
 
     def embed(self, ids):
         """Token embeddings: ids [B, T] int -> [B, T, C]."""
