@@ -207,7 +207,11 @@ def benchmark_args(task, ckpt, data, out, workdir=None, overwrite=False, clip=No
     dataset = protocols.load_dataset(task, data, limit)
     if not dataset.items:
         raise ValueError(f"--data {data}: no items for --task {task}")
-    return dataset, workdir or os.path.splitext(out)[0] + ".work"
+    workdir = workdir or os.path.splitext(out)[0] + ".work"
+    if os.path.exists(workdir) and not os.path.isfile(os.path.join(workdir, "run.json")) and (
+            not os.path.isdir(workdir) or os.listdir(workdir)):
+        raise FileExistsError(f"--workdir {workdir}: exists and is not an eval.py workdir (no run.json)")
+    return dataset, workdir
 
 
 class Predictor:

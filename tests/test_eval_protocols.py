@@ -11,6 +11,9 @@ import contextlib
 import importlib
 import io
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -199,6 +202,11 @@ def test_arguments_checked_before_model_work(tmp_path):
         ev.benchmark_args("gqa", str(ckpt), str(tmp_path), str(tmp_path / "exists.json"))
     with pytest.raises(FileNotFoundError, match="--checkpoint .*neither a converted"):
         ev.benchmark_args("gqa", str(ckpt), str(tmp_path), out)
+    proc = subprocess.run([sys.executable, "eval.py", "--task", "vqa3", "--checkpoint", str(ckpt), "--out", out],
+                          cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --task 'vqa3': expected one of tokenizer, " + ", ".join(protocols.TASKS)], proc.stderr
     # data files: checked by protocols.load_dataset, each error names the file
     with pytest.raises(FileNotFoundError, match="no questions.json"):
         protocols.load_dataset("vqav2", tmp_path)
@@ -243,8 +251,7 @@ def _shards(workdir):
     return [p for f in files for p in json.loads(f.read_text())["predictions"]]
 
 
-@pytest.mark.parity
-def test_coco_caption_end_to_end(ckpt, tmp_path, monkeypatch):
+def test_coco_caption_end_to_end(ckpt, tmp_path):
     refs = {1: REFS[1], 2: REFS[2]}
     data = write_coco(tmp_path / "coco", refs)
     (tmp_path / "coco" / "annotations.json").write_text(json.dumps(data))
@@ -256,10 +263,9 @@ def test_coco_caption_end_to_end(ckpt, tmp_path, monkeypatch):
     assert r["settings"]["devices"] == 2 and r["settings"]["batch_size"] == 2
     preds = _shards(tmp_path / "caption.work")
     assert len(preds) == 2 and all(isinstance(p, str) for p in preds)
-    results = tmp_path / "results.json"
-    results.write_text(json.dumps([{"image_id": k, "caption": p} for k, p in zip(refs, preds, strict=True)]))
-    want = cocoevalcap_reference(tmp_path / "coco" / "annotations.json", results, monkeypatch)
-    assert r["metrics"] == pytest.approx(want, rel=1e-12, abs=1e-12)
+    # the scoring of these predictions equals COCOEvalCap's: test_caption_scores_equal_cocoevalcap (java is slow
+    # to start, so it is not run a second time here)
+    assert set(r["metrics"]) == set(captions.METRICS) and all(v >= 0 for v in r["metrics"].values())
 
 
 def test_vqa_family_end_to_end_and_resume(ckpt, tmp_path):
