@@ -4,6 +4,7 @@ protocols on local files.
     python eval.py --config configs/tiny.py --checkpoint DIR --data_dir IMAGES [--limit N]
     eval.py --task TASK --checkpoint DIR --data DATA --out OUT.json [--workdir W] [--shard_size 64]
             [--batch_size 8] [--limit N] [--max_shards K] [--overwrite] [--clip CLIP_DIR] [--seed 0]
+            [--keep sample|argmax] [--devices N]
 
 ``--task tokenizer``: DIR is a converted checkpoint (``lavit.json``, from tools/convert_torch_weights.py) or a
 train.py workdir (its latest Orbax step); it is only read. IMAGES is a folder of images (searched
@@ -14,17 +15,19 @@ per image (mean/min/max), code usage (distinct codes, perplexity) and, where a f
 is available (train.py workdirs), the cosine similarity of the reconstructed encoder features.
 
 Benchmark tasks (DIR: a converted checkpoint; DATA laid out as ``lavit_jax/eval/protocols.py`` says):
-``coco_caption`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; needs java), ``vqav2`` / ``okvqa``
-(VQA accuracy, official answer normalisation), ``gqa`` (exact match), ``vizwiz`` (accuracy, unanswerable
-average precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a
-transformers CLIP folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files). The items are
-cut into shards of ``--shard_size``; each finished shard's predictions are written atomically to
-``--workdir`` (default ``OUT.work/``; generated images in its ``images/``), and a rerun of the same command
-continues from the finished shards (``--max_shards K`` stops after K new shards). Understanding batches run
-over all devices (batch over the mesh, padded to ``--batch_size``, a multiple of the device count). The
-metrics JSON (task, checkpoint, data, config, settings, metrics) is written atomically to ``--out``; an
-existing file is kept unless ``--overwrite``. Errors print one line ``error: ...`` (exit status 2), before any
-weights are read; the libraries' INFO logs (Orbax) appear only with ``--verbosity 0``.
+``coco_caption`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; needs java), ``vqav2`` / ``okvqa`` (VQA
+accuracy, official answer normalisation), ``gqa`` (exact match), ``vizwiz`` (accuracy, unanswerable average
+precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a transformers CLIP
+folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files). The items are cut into shards of
+``--shard_size``; each finished shard's predictions are written atomically to ``--workdir`` (default
+``OUT.work/``; generated images in its ``images/``), and a rerun of the same command continues from the finished
+shards (``--max_shards K`` stops after K new shards). Understanding batches run over all devices (batch over the
+mesh, padded to ``--batch_size``, a multiple of the device count). ``--keep sample`` (default, as the release)
+draws the tokenizer's keep decisions per batch from ``--seed``, so predictions are repeatable for the same
+``--batch_size`` / ``--shard_size`` / ``--devices`` (a workdir records them); ``--keep argmax`` does not depend
+on the batch. The metrics JSON (task, checkpoint, data, config, settings, metrics) is written atomically to
+``--out``; an existing file is kept unless ``--overwrite``. Errors print one line ``error: ...`` (exit status
+2), before any weights are read; the libraries' INFO logs (Orbax) appear only with ``--verbosity 0``.
 """
 
 from __future__ import annotations
@@ -75,6 +78,8 @@ def define_flags():
                          lower_bound=1)
     flags.DEFINE_string("clip", None, "t2i_clip_score: a transformers CLIP folder (read locally).")
     flags.DEFINE_enum("keep_mode", "argmax", KEEP_MODES, "--task tokenizer: tokenizer keep decisions.")
+    flags.DEFINE_enum("keep", defaults.KEEP, ["sample", "argmax"], "Benchmark tasks: keep decisions (sample: the "
+                      "release's seeded hard Gumbel draw per batch; argmax: deterministic, batch-independent).")
     flags.DEFINE_integer("seed", 0, "Seed of the keep decisions and of image generation.", lower_bound=0)
     flags.DEFINE_integer("steps", defaults.TEXT2IMAGE.steps, "Text-to-image diffusion steps.", lower_bound=1)
     flags.DEFINE_float("guidance", defaults.TEXT2IMAGE.guidance, "Text-to-image diffusion guidance.")
@@ -219,12 +224,13 @@ class Predictor:
     (batch over the data axis, params replicated)."""
 
     def __init__(self, task, ckpt, *, batch_size=8, seed=0, clip=None, steps=defaults.TEXT2IMAGE.steps,
-                 guidance=defaults.TEXT2IMAGE.guidance, size=None, decoder=None, workdir=None, devices=None):
+                 guidance=defaults.TEXT2IMAGE.guidance, size=None, decoder=None, workdir=None, devices=None,
+                 keep=defaults.KEEP):
         from lavit_jax.inference.lavit import LaVIT
         from lavit_jax.ops import sharding
 
         self.task, self.kind, self.seed, self.workdir = task, protocols.KIND[task], seed, workdir
-        self.answer_processing = None
+        self.answer_processing, self.keep = None, keep
         self.lavit = LaVIT.from_pretrained(ckpt)
         ndev = devices or jax.device_count()
         if not 1 <= ndev <= jax.device_count():
@@ -248,9 +254,9 @@ class Predictor:
     def settings(self) -> dict:
         s = {"batch_size": self.batch, "devices": int(self.mesh.devices.size), "seed": self.seed}
         if self.kind == "caption":
-            s.update(generation=str(defaults.CAPTION), keep=defaults.KEEP)
+            s.update(generation=str(defaults.CAPTION), keep=self.keep)
         elif self.kind == "answer":
-            s.update(generation=str(defaults.VQA), keep=defaults.KEEP)
+            s.update(generation=str(defaults.VQA), keep=self.keep)
         else:
             s.update(generation=str(defaults.TEXT2IMAGE), **self.gen)
         return s
@@ -269,7 +275,7 @@ class Predictor:
             if self.kind == "image":
                 out.extend(self._text2image(chunk, padded))
                 continue
-            feats, lengths = self.vt.understanding_features([it["image"] for it in padded], mode=defaults.KEEP,
+            feats, lengths = self.vt.understanding_features([it["image"] for it in padded], mode=self.keep,
                                                             seed=self.seed)
             model, params = self.llm
             if self.kind == "caption":
@@ -309,8 +315,8 @@ class Predictor:
 
 def run_benchmark(config, task, ckpt, data, out, *, workdir=None, overwrite=False, clip=None, limit=None,
                   batch_size=8, shard_size=64, max_shards=None, seed=0, steps=defaults.TEXT2IMAGE.steps,
-                  guidance=defaults.TEXT2IMAGE.guidance, size=None, decoder=None, devices=None, config_file=None,
-                  progress=None):
+                  guidance=defaults.TEXT2IMAGE.guidance, size=None, decoder=None, devices=None, keep=defaults.KEEP,
+                  config_file=None, progress=None):
     """Predicts (sharded, resumable) and scores ``task``; writes ``out`` and returns the metrics JSON, or None when
     ``max_shards`` stopped it before the last shard."""
     from lavit_jax.eval import runner
@@ -318,7 +324,7 @@ def run_benchmark(config, task, ckpt, data, out, *, workdir=None, overwrite=Fals
 
     dataset, workdir = benchmark_args(task, ckpt, data, out, workdir, overwrite, clip, limit)
     pred = Predictor(task, ckpt, batch_size=batch_size, seed=seed, clip=clip, steps=steps, guidance=guidance,
-                     size=size, decoder=decoder, workdir=workdir, devices=devices)
+                     size=size, decoder=decoder, workdir=workdir, devices=devices, keep=keep)
     signature = {"task": task, "checkpoint": os.path.abspath(ckpt), "data": os.path.abspath(data),
                  "limit": limit, "shard_size": shard_size, "items": len(dataset.items), "settings": pred.settings(),
                  "clip": os.path.abspath(clip) if clip else None}
@@ -358,7 +364,7 @@ def main(argv):
             benchmark_args(f.task, f.checkpoint, f.data, f.out, **kw)  # checked before any weights are read
             result = run_benchmark(f.config, f.task, f.checkpoint, f.data, f.out, batch_size=f.batch_size,
                                    shard_size=f.shard_size, max_shards=f.max_shards, seed=f.seed, steps=f.steps,
-                                   guidance=f.guidance, size=f.size, decoder=f.decoder, devices=f.devices,
+                                   guidance=f.guidance, size=f.size, decoder=f.decoder, devices=f.devices, keep=f.keep,
                                    config_file=config_flags.get_config_filename(f["config"]), **kw)
             if result is None:
                 print(f"stopped after {f.max_shards} new shard(s) (--max_shards); rerun the command to continue",
