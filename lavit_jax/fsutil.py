@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import secrets
 import shutil
@@ -289,3 +290,30 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, replaceable: Callable
         else:
             os.rename(tmp, out)
         _fsync_dir(parent)
+
+
+def atomic_write(path, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a hidden sibling ``.NAME.partial-*``, fsynced, then renamed onto ``path``: ``path``
+    is either absent, its old content or the whole new file, whatever kills the process. The temporary file
+    is removed when ``write`` fails."""
+    parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+    tmp = os.path.join(parent, f".{name}.{PARTIAL}-{secrets.token_hex(4)}{os.path.splitext(name)[1]}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(parent, name))
+        _fsync_dir(parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    """``obj`` as strict JSON (NaN refused) at ``path``, written atomically (``atomic_write``)."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, allow_nan=False)
+            f.write("\n")
+    atomic_write(path, write)

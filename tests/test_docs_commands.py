@@ -143,6 +143,13 @@ NEEDS_7B = {
     "--config.train.init_from=/ckpt/LaVIT-7B-v2-converted --config.mesh_shape='(-1,1,1)'",
     "python train.py --config configs/lavit_7b.py:detokenizer --config.train.data_dir=/data/images "
     "--config.train.init_from=CONVERTED_DIR",
+    *(f"python eval.py --config configs/lavit_7b.py --task {task} --checkpoint /ckpt/lavit7b --data /data/{data} "
+      f"{extra}--out {out}.json"
+      for task, data, extra, out in (
+          ("coco_caption", "coco_karpathy_test", "", "coco_caption"), ("vqav2", "vqav2_val", "", "vqav2"),
+          ("okvqa", "okvqa_val", "", "okvqa"), ("gqa", "gqa_testdev", "", "gqa"),
+          ("vizwiz", "vizwiz_val", "", "vizwiz"),
+          ("t2i_clip_score", "coco_val_prompts", "--clip /ckpt/clip-vit-large-patch14 ", "clip_score"))),
 }
 
 
