@@ -199,7 +199,7 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     out = tokenizer_metrics(stage1_config, stage1_params, pixels)
     model = LaVIT.from_pretrained(model_dir, compilation_cache=False)
     t0 = time.time()
-    caps = model.caption(imgs, keep="argmax", min_new_tokens=1, max_new_tokens=8)
+    caps = model.caption(imgs, min_new_tokens=1, max_new_tokens=8)  # keep: the release's seeded Gumbel sample
     print(f"eval: {len(caps)} captions ({time.time() - t0:.0f}s)", flush=True)
     matches = [shapes.attribute_matches(shapes.parse_caption(c), t) for c, t in zip(caps, truths, strict=True)]
     out["caption_accuracy"] = float(np.mean(matches))
@@ -211,7 +211,7 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
             questions.append(q)
             answers.append(a)
     t0 = time.time()
-    got = model.vqa(q_imgs, questions, keep="argmax", min_new_tokens=1, max_new_tokens=4)
+    got = model.vqa(q_imgs, questions, min_new_tokens=1, max_new_tokens=4)
     got = [str(a) for a in (got.answers if hasattr(got, "answers") else got)]
     print(f"eval: {len(got)} VQA answers ({time.time() - t0:.0f}s)", flush=True)
     out["vqa_accuracy"] = float(np.mean([(g.split() or [""])[0] == a for g, a in zip(got, answers, strict=True)]))
