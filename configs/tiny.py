@@ -1,7 +1,7 @@
-"""A tiny LaVIT with the shapes of the parity fixture ``shared/fixtures/image_tokenizer_tiny``, per training stage.
+"""A tiny LaVIT with the shapes of the parity fixture ``shared/fixtures/image_tokenizer_tiny``, per training stage
+(``make demo`` trains ``configs/demo.py`` instead).
 
-Run:  make demo   (tokenizes an image with the fixture checkpoint)
-      python train.py --config configs/tiny.py                (stage 1 on synthetic images, ~20 steps)
+Run:  python train.py --config configs/tiny.py                (stage 1 on synthetic images, ~20 steps)
       python train.py --config configs/tiny.py:lm             (stage 2 on synthetic packed sequences)
       python train.py --config configs/tiny.py:detokenizer    (diffusion decoder on synthetic images)
 """

@@ -32,6 +32,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lavit_jax import fsutil
 from lavit_jax.data.text_tokenizer import load_text_tokenizer
 from lavit_jax.inference import schedulers
 from lavit_jax.inference.detokenizer import Detokenizer
@@ -41,7 +42,7 @@ from lavit_jax.models import llama, unet, vae
 from lavit_jax.models.token_decoder import DECODER_STACKS
 from lavit_jax.models.tokenizer import TOKENIZER_STACKS
 from lavit_jax.ops import quant, scan
-from lavit_jax.ops.config import freeze
+from lavit_jax.ops.config import as_dict, freeze
 
 SAFETY_CHECKER = "safety_checker"  # the optional part's folder
 MANIFEST = "lavit.json"
@@ -289,3 +290,58 @@ def load_safety_checker(ckpt_dir: str):
     crop = crop.get("height") if isinstance(crop, dict) else crop
     return sc.SafetyChecker(model, load_tree(os.path.join(root, "params"), dtype=jnp.float32), size=size,
                             crop_size=crop)
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def write_checkpoint(out_dir: str, *, tokenizer_config, tokenizer, decoders=None, language_model=None,
+                     pixel_decoding=None, overwrite: bool = False) -> dict:
+    """Writes trained params as a converted checkpoint (the layout above), atomically; returns the manifest.
+
+    tokenizer: the visual tokenizer's params (stacked layers); decoders: {'lowres' | 'highres': token decoder
+    params}; language_model: dict(params, config (llama config), tokenizer_model (path of a sentencepiece
+    file), visual_weight (partial tokenizer tree or None)); pixel_decoding: dict(unet, vae (params),
+    unet_config, vae_config, scheduler_config (diffusers-style dicts), uncond (array [L, D])). float32.
+    An existing ``out_dir`` is replaced only with ``overwrite`` and only when it holds a checkpoint.
+    """
+    def is_checkpoint(path):
+        return os.path.isfile(os.path.join(path, MANIFEST))
+
+    manifest = {"format": FORMAT, "dtype": "float32", "layers": "stacked", "parts": {}}
+    with fsutil.atomic_output_dir(out_dir, overwrite, replaceable=is_checkpoint, kind="a lavit-jax checkpoint",
+                                  flag="checkpoint") as tmp:
+        vt = os.path.join(tmp, "visual_tokenizer")
+        save_tree(os.path.join(vt, "tokenizer"), tokenizer)
+        files = ["tokenizer"]
+        for name, tree in (decoders or {}).items():
+            save_tree(os.path.join(vt, f"{name}_decoder"), tree)
+            files.append(f"{name}_decoder")
+        cfg = as_dict(tokenizer_config)
+        manifest["parts"]["visual_tokenizer"] = {"files": files, "config": cfg}
+        if language_model is not None:
+            lm = os.path.join(tmp, "language_model")
+            save_tree(os.path.join(lm, "params"), language_model["params"])
+            lcfg = as_dict(language_model["config"])
+            with open(os.path.join(lm, "config.json"), "w") as f:
+                json.dump(lcfg, f, indent=1)
+            with open(language_model["tokenizer_model"], "rb") as src, \
+                    open(os.path.join(lm, "tokenizer.model"), "wb") as dst:
+                dst.write(src.read())
+            vw = language_model.get("visual_weight")
+            if vw is not None:
+                save_tree(os.path.join(lm, "visual_weight"), vw)
+            manifest["parts"]["language_model"] = {"config": lcfg, "shards": [], "visual_weight": vw is not None}
+        if pixel_decoding is not None:
+            pd = os.path.join(tmp, DECODER_FOLDERS["lowres"])
+            save_tree(os.path.join(pd, "unet"), pixel_decoding["unet"])
+            save_tree(os.path.join(pd, "vae"), pixel_decoding["vae"])
+            for name in ("unet_config", "vae_config", "scheduler_config"):
+                with open(os.path.join(pd, f"{name}.json"), "w") as f:
+                    json.dump(as_dict(pixel_decoding[name]), f, indent=1)
+            np.save(os.path.join(pd, "uncond_embeddings.npy"), np.asarray(pixel_decoding["uncond"], np.float32))
+            manifest["parts"][DECODER_FOLDERS["lowres"]] = {
+                "files": ["unet", "vae", "scheduler", "uncond_embeddings"], "highres": False}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+    return manifest

@@ -17,8 +17,9 @@ name must exist). README's ``python`` blocks run too. Each command falls in one 
   (recorded, not run); ``python -m lavit_jax`` goes through the CLI's parser; train.py / eval.py parse
   their flags (config overrides included) in a subprocess.
 - benchmark (``bench/``): minutes on CPU, so ``--help`` runs and the options shown must be in it.
-- make: ``make -n TARGET`` succeeds; for ``make demo`` the commands it would run (the fixture conversion
-  and ``python -m lavit_jax.demo``) then run, into the sandbox.
+- make: ``make -n TARGET`` succeeds; for ``make demo`` the command it would run (``python -m lavit_jax.demo``)
+  then runs with ``DEMO_FLAGS`` shortening every stage (``DEMO_SMOKE_FLAGS``) into a temporary directory, and
+  its report.json, PNGs and converted model are checked.
 - install (``pip``, ``venv``): needs the network; the files named exist and the pinned versions agree.
 """
 
@@ -26,6 +27,7 @@ import argparse
 import ast
 import contextlib
 import io
+import json
 import os
 import re
 import shlex
@@ -39,6 +41,7 @@ import pytest
 from PIL import Image
 
 from lavit_jax import __main__ as cli
+from lavit_jax import demo
 from tests.conftest import REPO
 from tests.released_fixture import build_released
 from tools import convert_torch_weights as conv
@@ -49,6 +52,8 @@ PLACEHOLDERS = {"IMAGE": "cat.jpg", "QUESTION": "what is in the image?", "PROMPT
                 "DIR": "ckpt/lavit7b", "CONVERTED_DIR": "ckpt/lavit7b", "IMAGES": "images"}
 SEVEN_B = ("RELEASED_DIR", "/path/to/", "configs/lavit_7b.py", "/data/", "/ckpt/", "rain1011/")
 LINKS = ("configs", "tools", "lavit_jax", "bench", "train.py", "eval.py")
+# `make demo` runs here with these flags (DEMO_FLAGS): the very commands, a few steps of each stage.
+DEMO_SMOKE_FLAGS = "--steps_scale=0.03 --eval_scenes=4 --t2i_prompts=2"
 
 
 # ------------------------------------------------------------------------------------------ collection
@@ -269,14 +274,16 @@ def jobs(sandbox, tmp_path_factory):
             started[shlex.join(argv[1:])] = Job(f"flag parsing of {c}", [sys.executable, "-c",
                                                 _PARSE_FLAGS.format(repo=str(REPO)), *argv[1:]], REPO)
     if shutil.which("make"):
-        ckpt = tmp_path_factory.mktemp("make_demo") / "ckpt"
-        dry = subprocess.run(["make", "-n", "demo", f"DEMO_CKPT={ckpt}"], cwd=REPO, capture_output=True, text=True)
+        run_dir = tmp_path_factory.mktemp("make_demo") / "run"
+        dry = subprocess.run(["make", "-n", "demo", f"DEMO_FLAGS=--workdir={run_dir} {DEMO_SMOKE_FLAGS}"], cwd=REPO,
+                             capture_output=True, text=True)
         assert dry.returncode == 0, dry.stderr
         lines = _join_continuations(dry.stdout.replace("\t", " ").splitlines())
         recipe = [ln for ln in lines if ln.startswith(".venv/bin/python") and "pip" not in ln]
-        assert len(recipe) == 2 and "tools/convert_torch_weights.py" in recipe[0] and "lavit_jax.demo" in recipe[1]
+        assert len(recipe) == 1 and "lavit_jax.demo" in recipe[0], recipe
         chain = " && ".join(shlex.quote(sys.executable) + ln[len(".venv/bin/python"):] for ln in recipe)
         started["make demo"] = Job("make demo (its commands)", ["bash", "-c", chain], REPO)
+        started["make demo"].run_dir = run_dir
     yield started
     for job in set(started.values()):
         if job.proc.poll() is None:
@@ -391,7 +398,17 @@ def test_make_commands(cmd, jobs):
     dry = subprocess.run(["make", "-n", target], cwd=REPO, capture_output=True, text=True)
     assert dry.returncode == 0, dry.stderr
     if target == "demo":
-        assert "ids:" in jobs["make demo"].result()
+        job = jobs["make demo"]
+        out = job.result()
+        report = json.loads((job.run_dir / "report.json").read_text())
+        for field in demo.REPORT_FIELDS:  # every field, a measured value in range (not a value asserted)
+            assert 0.0 <= report[field] <= 1.0, (field, report[field])
+            assert field in out  # the summary table
+        assert report["eval_scenes"] == 4 and report["t2i_prompts"] == 2
+        for png in ("samples.png", "loss_curves.png"):
+            with Image.open(job.run_dir / png) as im:
+                assert im.format == "PNG" and min(im.size) > 32
+        assert (job.run_dir / "model" / "lavit.json").is_file()
 
 
 @pytest.mark.parametrize("cmd", [c for _, c in COMMANDS if category(c) == "install"])

@@ -3,6 +3,8 @@
 Data sources: ``train.data_dir``, one spec string for every stage::
 
     synthetic:N                  N deterministic random-blob images (stage 2: with learnable id patterns)
+    shapes:N[@heldout]           N examples of the procedural coloured-shapes dataset (``data/shapes.py``:
+                                 images with a caption or a VQA pair each; ``@heldout``: the held-out seeds)
     /data/images                 an image folder, searched recursively (image stages only)
     /data/pairs.jsonl            JSONL, {"image": PATH, "text": STR} per line (image optional, paths relative
                                  to the file); also jsonl:PATH. In stage 2 any other plain path is read as JSONL
@@ -72,7 +74,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, UnidentifiedImageError
 
-from lavit_jax.data import array_records, visual_records
+from lavit_jax.data import array_records, shapes, visual_records
 from lavit_jax.data.image_io import ImageInputError, load_image, preprocess
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -225,6 +227,29 @@ class SyntheticSource(Source):
 
     def where(self, i):
         return f"synthetic:{self.n} example {i}"
+
+
+class ShapesSource(Source):
+    """``shapes:N[@heldout]``: example i is scene ``i // shapes.TEXTS_PER_SCENE`` of the split with text variant
+    ``i % shapes.TEXTS_PER_SCENE`` (``data/shapes.py``); images [64, 64, 3] uint8."""
+
+    def __init__(self, n: int, heldout: bool = False):
+        self.n, self.heldout = n, heldout
+        lo, hi = shapes.HELDOUT_SEEDS if heldout else shapes.TRAIN_SEEDS
+        if lo + n // shapes.TEXTS_PER_SCENE >= hi:
+            raise ValueError(f"config train.data_dir=shapes:{n}: more scenes than the seed range [{lo}, {hi}) holds")
+        self.first = lo
+        self.has_image = self.has_text = np.ones(n, bool)
+
+    def __len__(self):
+        return self.n
+
+    def read(self, i, text=True):
+        image, attrs = shapes.scene(self.first + i // shapes.TEXTS_PER_SCENE)
+        return image, shapes.example_text(attrs, i % shapes.TEXTS_PER_SCENE) if text else None
+
+    def where(self, i):
+        return f"shapes:{self.n}{'@heldout' if self.heldout else ''} example {i}"
 
 
 class FolderSource(Source):
@@ -516,13 +541,18 @@ def open_source(spec: str, *, text: bool = False) -> Source:
 
 def _open_source(spec: str, text: bool) -> Source:
     if not spec:
-        raise ValueError("config train.data_dir is empty: expected synthetic:N, an image folder, a JSONL file, "
-                         "tar:PATTERN, arrayrecord:PATTERN or tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR]")
+        raise ValueError("config train.data_dir is empty: expected synthetic:N, shapes:N, an image folder, a JSONL "
+                         "file, tar:PATTERN, arrayrecord:PATTERN or tfds:NAME[/CONFIG][:SPLIT][@DATA_DIR]")
     if spec.startswith("synthetic:"):
         n = spec.split(":", 1)[1]
         if not n.isdigit() or int(n) < 1:
             raise ValueError(f"config train.data_dir={spec}: expected synthetic:N with N >= 1")
         return SyntheticSource(int(n))
+    if spec.startswith("shapes:"):
+        m = re.fullmatch(r"shapes:(\d+)(@heldout)?", spec)
+        if not m or int(m.group(1)) < 1:
+            raise ValueError(f"config train.data_dir={spec}: expected shapes:N or shapes:N@heldout with N >= 1")
+        return ShapesSource(int(m.group(1)), heldout=bool(m.group(2)))
     if spec.startswith("tfds:"):
         return TfdsSource(spec)
     if spec.startswith("tar:"):
