@@ -70,7 +70,7 @@ def download(repo_id: str, revision: str | None = None) -> str:
     except ImportError as e:  # pragma: no cover - a dependency of transformers
         raise ImportError("loading a checkpoint by repo id needs huggingface_hub "
                           "(pip install -r requirements.txt)") from e
-    where = f"{repo_id}" + (f" at revision {revision}" if revision else "")
+    where = f"{repo_id}" + (f" at revision {revision}" if revision else "") + " (no local directory of that name)"
     try:
         return huggingface_hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(RELEASE_PATTERNS))
     except LocalEntryNotFoundError as e:
