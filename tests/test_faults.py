@@ -28,7 +28,7 @@ TINY = str(REPO / "configs" / "tiny.py")
 NOBODY = 65534
 
 DRIVER = r"""
-import json, os, resource, signal, sys, threading
+import atexit, json, os, resource, signal, sys, threading
 sys.path.insert(0, os.getcwd())
 import torch  # noqa: F401  imported once, before the forks
 from lavit_jax import checkpoint
@@ -77,6 +77,7 @@ pids = []
 for run in json.loads(sys.argv[1]):  # all children at once: each is one conversion, mostly waiting on the others
     pid = os.fork()
     if pid == 0:
+        atexit._clear()  # the parent's handlers stay the parent's; the child runs only its own at exit
         fd = os.open(run["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 1)
         os.dup2(fd, 2)
@@ -87,6 +88,10 @@ for run in json.loads(sys.argv[1]):  # all children at once: each is one convers
         except BaseException as e:
             print(f"driver: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
+            # as the interpreter's exit after the real tool's main(): join non-daemon threads, then at-exit
+            # handlers (atomic_output_dir removes a partial directory there once Orbax's writers have ended)
+            threading._shutdown()
+            atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(rc if isinstance(rc, int) else 3)
