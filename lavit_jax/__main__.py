@@ -53,7 +53,7 @@ from absl import logging as absl_logging
 from PIL import Image
 from tqdm import std as tqdm_std
 
-from lavit_jax import checkpoint, hub
+from lavit_jax import checkpoint, fsutil, hub
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults
 from lavit_jax.inference.lavit import LaVIT
@@ -432,19 +432,6 @@ def _given(args, *names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def _save_atomic(path: str, write) -> None:
-    """``write(tmp)`` then rename onto ``path``: an existing file stays whole until the new one is."""
-    parent, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(parent, f".{name}.partial-{secrets.token_hex(4)}{os.path.splitext(name)[1]}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def run(args) -> None:
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype, llm_weights="int8" if args.int8 else "float",
@@ -501,7 +488,7 @@ def run(args) -> None:
         images = [tile_images(images)]
     fmt = Image.registered_extensions()[os.path.splitext(args.out)[1].lower()]
     for path, image in zip(paths, images, strict=True):
-        _save_atomic(path, lambda tmp, image=image: image.save(tmp, format=fmt))
+        fsutil.atomic_write(path, lambda tmp, image=image: image.save(tmp, format=fmt))
     counts = [int(np.asarray(lengths)[0]) for _, lengths in runs]
     if args.ids_out:
         width = max(int(np.max(lengths)) for _, lengths in runs)
@@ -510,7 +497,7 @@ def run(args) -> None:
             arr[i, : int(np.max(lengths))] = np.asarray(ids)[0, : int(np.max(lengths))]
         if len(runs) == 1:
             arr = np.asarray(runs[0][0])[:, : int(np.max(runs[0][1]))]
-        _save_atomic(args.ids_out, lambda tmp: np.save(tmp, arr))
+        fsutil.atomic_write(args.ids_out, lambda tmp: np.save(tmp, arr))
     size = f"{images[0].size[0]}x{images[0].size[1]}"
     print(f"wrote {', '.join(paths)} ({size}, {', '.join(map(str, counts))} visual tokens)")
 
