@@ -38,7 +38,8 @@ def make_hf_model(seed=0, eos_boost=True, **overrides) -> transformers.LlamaForC
             p.mul_(4.0) if p.ndim == 2 else None
         if eos_boost:
             # Make each eos win in ~20% of contexts: its row points along the mean final hidden state, scaled
-            # against the best competing logit (text ids for eos 2, visual ids for [/IMG] 32001).
+            # against the best competing logit (text ids for eos 2, visual ids for [/IMG] 32001,
+            # motion ids for [/MOV] 48387).
             head = model.get_output_embeddings().weight
             gen = torch.Generator().manual_seed(seed + 1)
             ids = torch.randint(3, 32000, (8, 12), generator=gen)
@@ -46,7 +47,10 @@ def make_hf_model(seed=0, eos_boost=True, **overrides) -> transformers.LlamaForC
             direction = hidden.mean(0)
             proj = hidden @ direction
             logits = hidden @ head.T
-            for tok_id, lo, hi in ((EOS, 3, 32000), (32001, 32002, VOCAB)):
+            stops = [(EOS, 3, 32000), (32001, 32002, VOCAB)]
+            if head.shape[0] > 48388:  # a Video-LaVIT vocabulary: [/MOV] against the motion ids
+                stops.append((48387, 48388, head.shape[0]))
+            for tok_id, lo, hi in stops:
                 best = logits[:, lo:hi].max(-1).values
                 ratio = (best / proj)[proj > 0]
                 head[tok_id] = float(torch.quantile(ratio, 0.2)) * direction
