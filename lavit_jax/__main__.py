@@ -34,6 +34,9 @@ empty question, a bad value, a checkpoint without the needed part) print one lin
 exit with status 2; ``warning: ...``
 lines do not stop the run. Progress bars go to stderr (plain lines when it is not a terminal);
 ``--verbose`` also shows the libraries' INFO logs (Orbax).
+
+Video-LaVIT checkpoints add ``video-qa``, ``video-caption``, ``text2video``, ``image2video`` and
+``reconstruct-video`` (``lavit_jax/video_cli.py`` lists their options).
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from absl import logging as absl_logging
 from PIL import Image
 from tqdm import std as tqdm_std
 
-from lavit_jax import checkpoint, fsutil, hub
+from lavit_jax import checkpoint, fsutil, hub, video_cli
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import defaults
 from lavit_jax.inference.lavit import LaVIT
@@ -261,6 +264,7 @@ def _parser() -> argparse.ArgumentParser:
     common(sp)
     image_out(sp, defaults.RECONSTRUCT)
     keep(sp, seed=False)
+    video_cli.add_parsers(sub, common, keep, positive, _int, _float, _top_p, _positive_float)
     return p
 
 
@@ -372,13 +376,7 @@ def _check_inputs(args) -> None:
         for flag in ("temperature", "top_p", "top_k"):
             if getattr(args, flag) is not None:
                 raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} only applies with --sample")
-    if not args.checkpoint:
-        raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
-    if not os.path.isdir(args.checkpoint) and not hub.is_repo_id(args.checkpoint):
-        raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint} (nor a Hugging Face repo id "
-                                "owner/name)")
-    if args.revision is not None and os.path.isdir(args.checkpoint):
-        raise ValueError(f"--revision applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
+    _check_checkpoint_arg(args)
     for flag in ("guidance", "llm_guidance"):
         value = getattr(args, flag, None)
         if value is not None and value < 0:
@@ -403,13 +401,7 @@ def _check_inputs(args) -> None:
                 raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
             _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
     # the last check: a repo id is downloaded and converted here (once; later runs read the cache)
-    if args.config is not None and os.path.isdir(args.checkpoint):
-        raise ValueError(f"--config applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
-    if args.config is not None and not os.path.isfile(args.config):
-        raise FileNotFoundError(f"--config file not found: {args.config}")
-    conversion = args.dtype if args.dtype in hub.CONVERSION_DTYPES else hub.DEFAULT_CONVERSION_DTYPE
-    args.checkpoint = hub.resolve(args.checkpoint, revision=args.revision, conversion_dtype=conversion,
-                                  config=args.config, log=lambda m: print(m, file=sys.stderr))
+    args.checkpoint = _resolve_checkpoint(args)
     manifest = checkpoint.read_manifest(args.checkpoint)
     if not has_out:
         return
@@ -432,7 +424,40 @@ def _given(args, *names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
+def _check_checkpoint_arg(args) -> None:
+    if not args.checkpoint:
+        raise ValueError("no checkpoint: pass --checkpoint DIR or set LAVIT_CHECKPOINT")
+    if not os.path.isdir(args.checkpoint) and not hub.is_repo_id(args.checkpoint):
+        raise FileNotFoundError(f"checkpoint directory not found: {args.checkpoint} (nor a Hugging Face repo id "
+                                "owner/name)")
+    if args.revision is not None and os.path.isdir(args.checkpoint):
+        raise ValueError(f"--revision applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
+
+
+def _resolve_checkpoint(args) -> str:
+    """The converted directory of ``--checkpoint`` (a repo id is downloaded and converted here, once)."""
+    _check_checkpoint_arg(args)
+    if args.config is not None and os.path.isdir(args.checkpoint):
+        raise ValueError(f"--config applies to a repo id --checkpoint, not to the directory {args.checkpoint}")
+    if args.config is not None and not os.path.isfile(args.config):
+        raise FileNotFoundError(f"--config file not found: {args.config}")
+    conversion = args.dtype if args.dtype in hub.CONVERSION_DTYPES else hub.DEFAULT_CONVERSION_DTYPE
+    return hub.resolve(args.checkpoint, revision=args.revision, conversion_dtype=conversion, config=args.config,
+                       log=lambda m: print(m, file=sys.stderr))
+
+
+def run_video(args) -> None:
+    from lavit_jax.inference.video_lavit import VideoLaVIT
+
+    found = video_cli.check_inputs(args, _check_writable, _resolve_checkpoint)
+    model = VideoLaVIT.from_pretrained(args.checkpoint, dtype=args.dtype,
+                                       llm_weights="int8" if args.int8 else "float", verbose=args.verbose)
+    video_cli.run(args, model, found, progress=not args.no_progress)
+
+
 def run(args) -> None:
+    if args.command in video_cli.VIDEO_COMMANDS:
+        return run_video(args)
     _check_inputs(args)
     model = LaVIT.from_pretrained(args.checkpoint, dtype=args.dtype, llm_weights="int8" if args.int8 else "float",
                                   verbose=args.verbose)

@@ -132,6 +132,8 @@ class LaVIT:
     weight-only with per-channel scales: ``lavit_jax.ops.quant``; activations stay in ``dtype``).
     """
 
+    image_suppress_ranges = llm_tasks.IMAGE_SUPPRESS  # ids image-token generation never samples
+
     def __init__(self, ckpt_dir: str, manifest: dict, *, dtype=None, attention_impl: str = "xla",
                  low_memory: bool = False, verbose: bool = False, llm_weights: str = "float"):
         if llm_weights not in quant.WEIGHT_MODES:
@@ -348,7 +350,7 @@ class LaVIT:
         cfg = llm_tasks.image_generation_config(
             guidance_scale=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
             min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens, do_sample=do_sample, num_beams=num_beams,
-            length_penalty=length_penalty)
+            length_penalty=length_penalty, suppress_ranges=self.image_suppress_ranges)
         if cfg.num_beams > 1 and cfg.use_guidance:
             raise ValueError(f"num_beams={num_beams} with llm_guidance={llm_guidance}: beam search runs without LLM "
                              "guidance here; pass llm_guidance=1 (see the README's deviations)")

@@ -291,20 +291,23 @@ def vqa(
 
 # ------------------------------------------------------------------------------------ image generation
 
+IMAGE_SUPPRESS = ((3, TEXT_VOCAB),)  # text ids (0..2 stay: unk, bos, eos)
+
 
 def image_generation_config(
     *, guidance_scale=defaults.TEXT2IMAGE.llm_guidance, top_k=defaults.TEXT2IMAGE.top_k,
     top_p=defaults.TEXT2IMAGE.top_p, temperature=defaults.TEXT2IMAGE.temperature,
     min_new_tokens=defaults.TEXT2IMAGE.min_new_tokens, max_new_tokens=defaults.TEXT2IMAGE.max_new_tokens,
-    num_return_sequences=1, do_sample=True, num_beams=1, length_penalty=1.0,
+    num_return_sequences=1, do_sample=True, num_beams=1, length_penalty=1.0, suppress_ranges=IMAGE_SUPPRESS,
 ) -> GenerationConfig:
     """The reference's image-token generation settings (ids 3..31999 suppressed, eos [/IMG] = 32001):
-    nucleus sampling by default, greedy (``do_sample=False``) or beam search (``num_beams``)."""
+    nucleus sampling by default, greedy (``do_sample=False``) or beam search (``num_beams``).
+    ``suppress_ranges``: Video-LaVIT also suppresses its motion ids (``video_llm_tasks.KEYFRAME_SUPPRESS``)."""
     return GenerationConfig(
         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature,
         top_k=top_k, top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
         num_return_sequences=num_return_sequences, eos_token_id=IMG_END, pad_token_id=PAD_ID,
-        suppress_ranges=((3, TEXT_VOCAB),), guidance_scale=guidance_scale,
+        suppress_ranges=tuple(suppress_ranges), guidance_scale=guidance_scale,
     )
 
 

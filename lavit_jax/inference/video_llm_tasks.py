@@ -57,6 +57,7 @@ STOP_STRING = "\\n"  # the release's stop keyword: a literal backslash + n (its 
 MOTION_TOKENS = 135  # motion ids per clip the detokenizer takes (3 x 5 x 9)
 # Everything past the visual codes: [MOV], [/MOV] and the motion codes (the release's 48386 + 1026).
 MOTION_RANGE = (MOV_START, MOTION_OFFSET + NUM_MOTION_CODES)
+KEYFRAME_SUPPRESS = ((3, TEXT_VOCAB), MOTION_RANGE)  # generate_image_tokenids: text and motion ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +192,7 @@ def keyframe_generation_config(*, guidance_scale=GENERATION.llm_guidance, top_k=
     """``generate_image_tokenids``: text ids and the motion range suppressed, eos [/IMG]."""
     return GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
                             temperature=temperature, top_k=top_k, top_p=top_p, eos_token_id=IMG_END,
-                            pad_token_id=PAD_ID, suppress_ranges=((3, TEXT_VOCAB), MOTION_RANGE),
+                            pad_token_id=PAD_ID, suppress_ranges=KEYFRAME_SUPPRESS,
                             guidance_scale=guidance_scale)
 
 
