@@ -91,8 +91,9 @@ def reference_condition(tok_config, highres):
 
 
 def torch_reference(unet, vae, scheduler, cond, noise, *, uncond=None, pooled=None, size=16, steps=None,
-                    guidance=None):
-    """LaVIT's decoding loop with diffusers modules (float32)."""
+                    guidance=None, latents=None, start=0):
+    """LaVIT's decoding loop with diffusers modules (float32); from ``latents`` at step ``start`` when given
+    (Video-LaVIT's ``image_decoding(noise_used, noise_level)``)."""
     b, s, d = cond.shape
     kwargs = {}
     if uncond is not None:  # low-res: stored negative in zero padding, with its mask
@@ -109,9 +110,9 @@ def torch_reference(unet, vae, scheduler, cond, noise, *, uncond=None, pooled=No
                                        "time_ids": torch.cat([ids, ids])}
     scheduler.set_timesteps(steps or STEPS)
     g = GUIDANCE if guidance is None else guidance
-    latents = noise * scheduler.init_noise_sigma
+    latents = noise * scheduler.init_noise_sigma if latents is None else latents
     with torch.no_grad():
-        for t in scheduler.timesteps:
+        for t in scheduler.timesteps[start:]:
             inp = scheduler.scale_model_input(torch.cat([latents] * 2), t)
             eps = unet(inp, t, encoder_hidden_states=context, **kwargs).sample
             eps_u, eps_c = eps.chunk(2)
@@ -199,6 +200,41 @@ def test_highres_detokenizer_euler_with_progress_matches_reference(tok_config, h
 
 
 @pytest.mark.parity
+@pytest.mark.parity
+@pytest.mark.parametrize("kind", ["euler", "ddim"])
+def test_keyframe_regeneration_from_a_frame_matches_the_release(tok_config, highres_parts, kind):
+    """Video-LaVIT's long-video keyframes: ``regenerate_noise`` (VAE mode x scaling, ``add_noise`` at
+    timesteps[level], x init_noise_sigma) then ``image_decoding`` from timesteps[level:], with diffusers."""
+    unet_t, vae_t, unet, unet_params, vae, vae_params = highres_parts
+    name = "EulerDiscreteScheduler" if kind == "euler" else "DDIMScheduler"
+    cfg = {**SCHED, "timestep_spacing": "leading", "_class_name": name}
+    pipe = diffusion.DiffusionPipeline(unet_params=unet_params, vae_params=vae_params, unet=unet, vae=vae,
+                                       scheduler_config=schedulers.scheduler_config(cfg))
+    codebook = CT.load_codebook(VT / "tokenizer_encoder.bin")
+    dec_params = CT.load_token_decoder(VT / "highres_tokenizer_decoder.bin", tok_config, True)
+    detok = Detokenizer(tok_config, codebook, dec_params, pipe, "highres")
+    steps, level = 6, int(0.85 * 6)
+    frame = np.random.default_rng(7).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    noise = noise_nhwc(2)
+    start = diffusion.noised_latents(pipe, frame, steps, level, noise=noise)
+    images, latents = detok.generate(IDS, LENGTHS, steps=steps, guidance=GUIDANCE, latents=start, start_step=level)
+
+    ref_sched = (EulerDiscreteScheduler if kind == "euler" else DDIMScheduler).from_config(cfg)
+    with torch.no_grad():
+        x0 = vae_t.encode(torch.tensor(frame.transpose(0, 3, 1, 2))).latent_dist.mode() * vae_t.config.scaling_factor
+        ref_sched.set_timesteps(steps)
+        t = torch.tensor([ref_sched.timesteps[level].item()] * 2, dtype=torch.long)
+        ref_start = ref_sched.add_noise(x0, torch.tensor(noise.transpose(0, 3, 1, 2)), t) * ref_sched.init_noise_sigma
+    assert rel_err(start, ref_start.numpy().transpose(0, 2, 3, 1)) < 1e-5
+    prompt, pooled = reference_condition(tok_config, highres=True)
+    ref_images, ref_latents = torch_reference(unet_t, vae_t, ref_sched, prompt, None, pooled=pooled, size=16,
+                                              steps=steps, latents=ref_start, start=level)
+    assert rel_err(latents, ref_latents) < 1e-4
+    assert rel_err(images, ref_images) < 1e-4
+    with pytest.raises(ValueError, match="start_step"):
+        detok.generate(IDS, LENGTHS, steps=steps, start_step=level)
+
+
 def test_step_counts_share_one_compiled_sampler(tok_config, highres_parts):
     """Step counts within a bucket (here 3, 5 and 7 -> 8) reuse the compiled sampler, and each still equals
     diffusers' sampler run for exactly that many steps."""

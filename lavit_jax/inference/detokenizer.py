@@ -86,17 +86,20 @@ class Detokenizer:
     def generate(self, ids, lengths, *, steps: int = 25, guidance: float = 7.0, seed: int = 0,
                  size: int | tuple[int, int] | None = None, original_size: tuple[int, int] | None = None,
                  crops_coords_top_left: tuple[int, int] | None = None, target_size: tuple[int, int] | None = None,
-                 noise=None, progress: bool = False, vae_dtype: str | None = "float32"):
+                 noise=None, progress: bool = False, vae_dtype: str | None = "float32", latents=None,
+                 start_step: int = 0):
         """-> (images [B, H, W, 3] float32 in [0, 1], final latents). ``size``: int or (height, width);
         ``noise``: optional standard-normal initial latents [B, H/8, W/8, 4] instead of ``seed``;
-        ``vae_dtype``: the VAE decode's dtype (None: the VAE's own)."""
+        ``vae_dtype``: the VAE decode's dtype (None: the VAE's own); ``latents`` + ``start_step``: start from
+        latents noised to that step (``sampling.noised_latents``; Video-LaVIT's long-video keyframes)."""
         if size is None:
             size = self.default_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         cond = self.condition(ids, lengths, height=height, width=width, original_size=original_size,
                               crops_coords_top_left=crops_coords_top_left, target_size=target_size)
         return self.pipeline.generate(cond, num_steps=steps, guidance_scale=guidance, seed=seed, height=height,
-                                      width=width, noise=noise, progress=progress, vae_dtype=vae_dtype)
+                                      width=width, noise=noise, progress=progress, vae_dtype=vae_dtype,
+                                      latents=latents, start_step=start_step)
 
     def __call__(self, ids, lengths, **kwargs) -> list:
         """ids [B, N], lengths [B] -> list of B PIL images (keyword arguments as ``generate``)."""

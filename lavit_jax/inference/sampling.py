@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from lavit_jax.compile_cache import cached_jit
 from lavit_jax.inference import schedulers
 from lavit_jax.models.unet import UNet2DConditionModel
-from lavit_jax.models.vae import AutoencoderKL, decode_to_images
+from lavit_jax.models.vae import AutoencoderKL, decode_to_images, vae_to_latents
 
 # --------------------------------------------------------------------------------------------------
 # Conditions
@@ -128,24 +128,25 @@ def guided_step(unet: UNet2DConditionModel, params, schedule: schedulers.Schedul
 
 
 def guided_sample(unet: UNet2DConditionModel, params, schedule: schedulers.Schedule, condition: GuidedCondition,
-                  latents, guidance_scale, key=None):
+                  latents, guidance_scale, key=None, start_step=0):
     """Runs the whole sampler in one ``lax.fori_loop`` (jit this, or call ``sample_latents``).
 
-    latents: initial latents [B, h, w, C] already multiplied by ``schedule.init_noise_sigma``.
+    latents: initial latents [B, h, w, C] already multiplied by ``schedule.init_noise_sigma`` (or noised to
+    step ``start_step`` by ``noised_latents``: the loop then runs from that step, traced).
     key: PRNG key for ancestral noise; unused by deterministic samplers. Returns float32 latents.
     """
     if schedule.needs_noise and key is None:
         raise ValueError(f"{schedule.kind} sampling (eta={schedule.eta}) needs a PRNG key")
     return jax.lax.fori_loop(
-        0, schedule.loop_steps,
+        jnp.asarray(start_step, jnp.int32), schedule.loop_steps,
         lambda i, x: guided_step(unet, params, schedule, condition, i, x, guidance_scale, key),
         latents.astype(jnp.float32))
 
 
 @cached_jit(static_argnames=("unet", "vae", "vae_dtype"))
 def _sample_and_decode(unet, vae, unet_params, vae_params, schedule, condition, latents, guidance_scale, key,
-                       vae_dtype="float32"):
-    z = guided_sample(unet, unet_params, schedule, condition, latents, guidance_scale, key)
+                       start_step, vae_dtype="float32"):
+    z = guided_sample(unet, unet_params, schedule, condition, latents, guidance_scale, key, start_step)
     return decode_to_images(vae, vae_params, z, dtype=vae_dtype), z
 
 
@@ -188,30 +189,63 @@ class DiffusionPipeline:
 
     def generate(self, condition: GuidedCondition, *, num_steps: int = 25, guidance_scale: float = 5.0,
                  seed: int = 0, height: int | None = None, width: int | None = None, noise=None,
-                 progress: bool = False, vae_dtype: str | None = "float32", eta: float = 0.0):
+                 progress: bool = False, vae_dtype: str | None = "float32", eta: float = 0.0, latents=None,
+                 start_step: int = 0):
         """Samples latents for ``condition`` and decodes them (the VAE in ``vae_dtype``, None: the VAE's own).
 
         noise: optional standard-normal latents [B, h, w, C] (else drawn from ``seed``); height/width
-        default to the UNet's ``sample_size`` times the VAE factor. Returns (images [B, H, W, 3] float32 in
-        [0, 1], final latents [B, h, w, C]).
+        default to the UNet's ``sample_size`` times the VAE factor. ``latents`` (with ``start_step``): start
+        from these latents, already noised to step ``start_step`` of the ``num_steps`` schedule
+        (``noised_latents``), instead of from noise. Returns (images [B, H, W, 3] float32 in [0, 1], final
+        latents [B, h, w, C]).
         """
+        if not 0 <= int(start_step) < num_steps:
+            raise ValueError(f"start_step={start_step} must be in [0, num_steps={num_steps})")
+        if start_step and latents is None:
+            raise ValueError("start_step needs the latents noised to that step (noised_latents)")
         # Padded to a bucket with the real count traced: other step counts reuse the compiled sampler.
         schedule = schedulers.make_schedule(self.scheduler_config, num_steps, eta=eta)
         schedule = schedule.padded(schedulers.step_bucket(num_steps))
         key = jax.random.key(seed)
         noise_key, step_key = jax.random.split(key)
-        if noise is None:
-            height = height or self.default_size
-            width = width or self.default_size
-            noise = initial_noise(noise_key, condition.batch, height, width, self.unet, self.vae_scale_factor)
-        latents = jnp.asarray(noise, jnp.float32) * schedule.init_noise_sigma
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+        else:
+            if noise is None:
+                height = height or self.default_size
+                width = width or self.default_size
+                noise = initial_noise(noise_key, condition.batch, height, width, self.unet, self.vae_scale_factor)
+            latents = jnp.asarray(noise, jnp.float32) * schedule.init_noise_sigma
         if not progress:
             return _sample_and_decode(self.unet, self.vae, self.unet_params, self.vae_params, schedule, condition,
-                                      latents, guidance_scale, step_key, vae_dtype=vae_dtype)
+                                      latents, guidance_scale, step_key, jnp.int32(start_step), vae_dtype=vae_dtype)
         z = latents
-        for i in tqdm(range(num_steps), desc="diffusion", unit="step"):
+        for i in tqdm(range(int(start_step), num_steps), desc="diffusion", unit="step"):
             z = _jit_step(self.unet, self.unet_params, schedule, condition, jnp.int32(i), z, guidance_scale, step_key)
         return _jit_decode(self.vae, self.vae_params, z, dtype=vae_dtype), z
+
+
+@cached_jit(static_argnames=("vae",))
+def _encode_mode(vae, vae_params, images):
+    mean, _ = vae.apply({"params": vae_params}, images, method=vae.encode)
+    return vae_to_latents(mean, vae.config)
+
+
+def noised_latents(pipe: DiffusionPipeline, images, num_steps: int, start_step: int, seed: int = 0, noise=None,
+                   eta: float = 0.0):
+    """Images [B, H, W, 3] in [-1, 1] -> their latents noised to step ``start_step`` of the ``num_steps``
+    schedule, as Video-LaVIT's ``regenerate_noise`` makes them: the VAE posterior mode x scaling factor,
+    the scheduler's ``add_noise`` at that step's timestep (``noise`` standard normal, else drawn from
+    ``seed``), then x ``init_noise_sigma`` (the release multiplies once more; 1 for DDIM). For
+    ``DiffusionPipeline.generate(latents=..., start_step=...)``."""
+    schedule = schedulers.make_schedule(pipe.scheduler_config, num_steps, eta=eta)
+    if not 0 <= int(start_step) < num_steps:
+        raise ValueError(f"start_step={start_step} must be in [0, num_steps={num_steps})")
+    x0 = _encode_mode(pipe.vae, pipe.vae_params, jnp.asarray(images, jnp.float32))
+    if noise is None:
+        noise = jax.random.normal(jax.random.key(seed), x0.shape, jnp.float32)
+    x = schedulers.add_noise_at(schedule, int(start_step), x0, jnp.asarray(noise, jnp.float32))
+    return x * schedule.init_noise_sigma
 
 
 def to_pil(images) -> list:

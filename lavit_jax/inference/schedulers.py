@@ -336,6 +336,15 @@ def _expand(coef, like):
     return coef.reshape(coef.shape + (1,) * (like.ndim - coef.ndim))
 
 
+def add_noise_at(schedule: Schedule, i: int, x0, noise):
+    """diffusers' ``scheduler.add_noise(x0, noise, timesteps[i])`` for a sampling schedule: DDIM
+    sqrt(a_t) x0 + sqrt(1 - a_t) noise; Euler (ancestral) x0 + sigma_i noise."""
+    if schedule.kind == "ddim":
+        a = jnp.asarray(schedule.alpha_t, jnp.float32)[i]
+        return jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+    return x0 + jnp.asarray(schedule.sigmas, jnp.float32)[i] * noise
+
+
 def add_noise(alphas_cumprod_table, x0, noise, timesteps):
     """Forward process q(x_t | x_0): sqrt(a_t) x0 + sqrt(1 - a_t) noise. timesteps: int [B]."""
     ac = jnp.asarray(alphas_cumprod_table, jnp.float32)[timesteps]
