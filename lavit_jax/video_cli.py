@@ -6,6 +6,7 @@
     python -m lavit_jax text2video PROMPT --out FILE.mp4|FILE.gif --checkpoint DIR [--width W] [--height H]
                                 [--keyframe-width W] [--keyframe-height H] [--steps N] [--keyframe-steps N]
                                 [--llm-guidance G] [--motion-guidance G] [--top-k K] [--seed S] [--ids-out F.npz]
+                                [--num-clips N] [--inverse-rate R]
     python -m lavit_jax image2video IMAGE [PROMPT] --out FILE.mp4|FILE.gif --checkpoint DIR [--greedy] [...]
     python -m lavit_jax reconstruct-video VIDEO --out FILE.mp4|FILE.gif --checkpoint DIR [--max-clips N] [...]
 
@@ -93,6 +94,11 @@ def add_parsers(sub, common, keep, positive, _int, _float, _top_p, _positive_flo
     video_out(sp, keyframe=True)
     motion(sp)
     sp.add_argument("--seed", type=_int(0, "must be >= 0"), default=None, help="random seed (default 0)")
+    sp.add_argument("--num-clips", type=positive, default=None,
+                    help="clips of 24 frames, chained as the release's long videos (default 1)")
+    sp.add_argument("--inverse-rate", type=_float, default=None,
+                    help=f"long videos: the next keyframe starts from the last frame at this noise level "
+                         f"(default {G.inverse_rate})")
     sp = sub.add_parser("image2video", help="animate an image (+ an optional text) into a video clip (Video-LaVIT)")
     sp.add_argument("image")
     sp.add_argument("prompt", nargs="?", default="")
@@ -179,10 +185,10 @@ def run(args, model, found, progress: bool) -> None:
               **_given(args, "seed", "steps", "min_guidance", "max_guidance"))
     if args.command == "text2video":
         kw.update(_given(args, "llm_guidance", "motion_guidance", "top_k", "top_p", "keyframe_steps",
-                         "keyframe_guidance"))
+                         "keyframe_guidance", "num_clips", "inverse_rate"))
         kw["keyframe_size"] = _size(args, "keyframe_width", "keyframe_height", G.keyframe_size)
         frames, info = model.text2video(args.prompt, **kw)
-        saved = dict(keyframe_codes=info["keyframe_codes"], motion_codes=info["motion_codes"])
+        saved = {f"{k}_{i}": c[k] for i, c in enumerate(info) for k in ("keyframe_codes", "motion_codes")}
     elif args.command == "image2video":
         kw.update(_given(args, "motion_guidance", "top_k", "top_p", "keep"))
         if args.greedy:

@@ -18,8 +18,8 @@ Pipelines (``video_llm_tasks`` has the sequences):
 - text -> video: the pretrained LLM samples keyframe ids after the prompt, then motion ids after those;
   the keyframe ids -> the SDXL-style keyframe decoder (``image_detokenizer/``) -> the keyframe, resized
   (PIL bicubic) to the video size; keyframe + motion codes -> the video detokenizer (SVD-style 3D UNet,
-  Euler, per-frame guidance 1 -> 4) -> 24 frames (one clip: the release's long-video chaining with
-  keyframe regeneration is not built here);
+  Euler, per-frame guidance 1 -> 4) -> 24 frames. Long videos chain clips: the next clip's prompt is
+  everything generated so far, its keyframe is decoded from the previous clip's last frame, noised;
 - image -> video: [IMG] image ids [/IMG] + text -> motion ids (sampled); the image itself is the keyframe;
 - reconstruction: each clip's keyframe and motion tokens -> the video detokenizer (no LLM).
 Outputs are uint8 frames [F, H, W, 3] (``data.video_io.write_video`` writes them as MP4 or GIF).
@@ -39,8 +39,8 @@ from lavit_jax.checkpoint import CheckpointPartError
 from lavit_jax.compile_cache import cached_jit
 from lavit_jax.data import video_io
 from lavit_jax.data.image_io import load_image
+from lavit_jax.inference import sampling, video_sampling
 from lavit_jax.inference import video_llm_tasks as vlt
-from lavit_jax.inference import video_sampling
 from lavit_jax.inference.lavit import LaVIT, _as_list, _check_text, _Stages, token_ids_part
 from lavit_jax.inference.visual_tokenizer import model_keep_mode
 from lavit_jax.inference.visual_tokenizer import understanding_features as _understanding_features
@@ -228,26 +228,50 @@ class VideoLaVIT(LaVIT):
                       f"{'cut' if c > vlt.MOTION_TOKENS else 'padded with code 0'} to {vlt.MOTION_TOKENS} "
                       "(as the release)", file=sys.stderr)
 
-    def text2video(self, prompt: str, *, keyframe_size=G.keyframe_size, video_size=G.video_size,
-                   llm_guidance: float = G.llm_guidance, motion_guidance: float = G.motion_guidance,
-                   top_k: int = G.top_k, top_p: float = G.top_p, temperature: float = G.temperature,
-                   min_new_tokens: int = G.min_new_tokens, max_new_tokens: int | None = None,
-                   keyframe_steps: int = G.keyframe_steps, keyframe_guidance: float = G.keyframe_guidance,
+    def _keyframe(self, kcodes, size, steps, guidance, seed, last_frame=None, inverse_rate=G.inverse_rate):
+        """Keyframe codes -> PIL keyframe from the keyframe decoder (``image_decoding``); for a later clip of a
+        long video it starts from ``last_frame`` (the previous clip's last, uint8) noised to step
+        int(inverse_rate * steps), as the release's ``regenerate_noise``."""
+        detok = self.detokenizer("highres")
+        ids = (np.asarray(kcodes) + vocab.VISUAL_OFFSET).astype(np.int32)[None]
+        lengths = np.array([ids.shape[1]], np.int32)
+        kw = {}
+        if last_frame is not None:
+            level = int(inverse_rate * steps)
+            frame = Image.fromarray(np.asarray(last_frame)).resize((size[1], size[0]), Image.BICUBIC)
+            kw = dict(latents=sampling.noised_latents(detok.pipeline, _to_unit_range(frame)[None], steps, level,
+                                                      seed=seed), start_step=level)
+        images, _ = detok.generate(ids, lengths, steps=steps, guidance=guidance, seed=seed, size=tuple(size),
+                                   vae_dtype=self._vae_dtype(G.keyframe_vae_dtype), **kw)
+        return sampling.to_pil(images)[0]
+
+    def text2video(self, prompt: str, *, num_clips: int = 1, keyframe_size=G.keyframe_size,
+                   video_size=G.video_size, llm_guidance: float = G.llm_guidance,
+                   motion_guidance: float = G.motion_guidance, top_k: int = G.top_k, top_p: float = G.top_p,
+                   temperature: float = G.temperature, min_new_tokens: int = G.min_new_tokens,
+                   max_new_tokens: int | None = None, keyframe_steps: int = G.keyframe_steps,
+                   keyframe_guidance: float = G.keyframe_guidance, inverse_rate: float = G.inverse_rate,
                    steps: int | None = None, min_guidance: float | None = None, max_guidance: float | None = None,
                    seed: int = 0, return_ids: bool = False, progress: bool = False):
-        """A text prompt -> one clip's frames uint8 [24, H, W, 3] (``video_size`` = (height, width)); with
-        ``return_ids`` also a dict with the keyframe codes, the motion codes and the keyframe (PIL).
+        """A text prompt -> video frames uint8 [24 + 23 (num_clips - 1), H, W, 3] (``video_size`` = (height,
+        width)); with ``return_ids`` also a list of per-clip dicts (keyframe codes, motion codes, keyframe PIL).
 
-        As the release's ``generate_video`` (one clip): keyframe ids sampled (top-k ``top_k``, LLM guidance
+        As the release's ``generate_video``: keyframe ids sampled (top-k ``top_k``, LLM guidance
         ``llm_guidance``), motion ids greedy with guidance ``motion_guidance``; the keyframe decoded at
         ``keyframe_size`` (``keyframe_steps``, ``keyframe_guidance``), the video by the video detokenizer
         (``steps``, per-frame guidance ``min_guidance`` -> ``max_guidance``: the release's when None).
         ``max_new_tokens`` (None: the visual tokens an image has) bounds the keyframe ids; motion ids are
-        bounded by the release's 500.
+        bounded by the release's 500. Long videos (``num_clips`` > 1): each clip's prompt is everything
+        generated before it; its keyframe is decoded from the previous clip's last frame noised to step
+        int(``inverse_rate`` x ``keyframe_steps``); joined, each later clip's first frame is dropped.
         """
         _check_text([prompt], allow_empty=True)
+        if not isinstance(num_clips, int) or num_clips < 1:
+            raise ValueError(f"num_clips={num_clips!r} must be an integer >= 1")
+        if not 0.0 <= inverse_rate < 1.0:
+            raise ValueError(f"inverse_rate={inverse_rate} must be in [0, 1)")
         settings, height, width = self._video_settings(steps, min_guidance, max_guidance, video_size)
-        kh, kw = _check_size(keyframe_size, "keyframe_size")
+        ksize = _check_size(keyframe_size, "keyframe_size")
         capacity = self._image_token_capacity()
         kcfg = self._generation_config(
             llm_guidance=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
@@ -258,26 +282,27 @@ class VideoLaVIT(LaVIT):
         self.require("video_detokenizer", "text2video")
         self._pick_decoder("highres", "the keyframe of text2video")
         model, params, tok = self.language_model
-        stages = _Stages(["keyframe ids", "motion ids", "keyframe", "video"], progress)
-        kcodes, rows = vlt.keyframe_ids(model, params, [np.asarray(tok.encode(prompt), np.int64)],
-                                        jax.random.key(seed), kcfg)
-        if len(kcodes[0]) == 0:
-            raise ValueError("the language model generated no keyframe tokens; try another seed")
-        stages.done(0)
-        mcodes, counts, _ = vlt.motion_ids(model, params, rows, None, mcfg)
-        self._warn_motion_count(counts)
-        stages.done(1)
-        if self.low_memory:
-            self.release("llm")
-        ids = (kcodes[0] + vocab.VISUAL_OFFSET).astype(np.int32)[None]
-        keyframe = self.decode_ids(ids, np.array([ids.shape[1]], np.int32), decoder="highres", steps=keyframe_steps,
-                                   guidance=keyframe_guidance, seed=seed, height=kh, width=kw,
-                                   safety_checker=False)[0]
-        stages.done(2)
-        video = self._decode_clip(keyframe, mcodes[0], settings, height, width, seed, progress)
-        stages.done(3)
-        info = dict(keyframe_codes=kcodes[0], motion_codes=mcodes[0], keyframe=keyframe)
-        return (video, info) if return_ids else video
+        rows = [np.asarray(tok.encode(prompt), np.int64)]
+        frames, info, last = [], [], None
+        for clip in range(num_clips):
+            stages = _Stages(["keyframe ids", "motion ids", "keyframe", "video"], progress)
+            kcodes, rows = vlt.keyframe_ids(model, params, rows, jax.random.fold_in(jax.random.key(seed), clip), kcfg)
+            if len(kcodes[0]) == 0:
+                raise ValueError("the language model generated no keyframe tokens; try another seed")
+            stages.done(0)
+            mcodes, counts, rows = vlt.motion_ids(model, params, rows, None, mcfg)
+            self._warn_motion_count(counts)
+            stages.done(1)
+            keyframe = self._keyframe(kcodes[0], ksize, keyframe_steps, keyframe_guidance, seed + clip, last,
+                                      inverse_rate)
+            stages.done(2)
+            video = self._decode_clip(keyframe, mcodes[0], settings, height, width, seed + clip, progress)
+            stages.done(3)
+            last = video[-1]
+            frames.append(video if clip == 0 else video[1:])
+            info.append(dict(keyframe_codes=kcodes[0], motion_codes=mcodes[0], keyframe=keyframe))
+        out = np.concatenate(frames)
+        return (out, info) if return_ids else out
 
     def image2video(self, image, prompt: str = "", *, video_size=G.video_size,
                     motion_guidance: float = G.motion_guidance, do_sample: bool = True, top_k: int = G.top_k,

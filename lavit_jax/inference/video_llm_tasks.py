@@ -83,6 +83,7 @@ class VideoGenerationDefaults:
     keyframe_steps: int = 50  # the keyframe (image) detokenizer
     keyframe_guidance: float = 7.0  # guidance_scale_for_decoder in the notebook
     keyframe_size: tuple[int, int] = (576, 1024)  # (height, width): the notebook's '1:2'
+    keyframe_vae_dtype: str = "model"  # image_decoding: the VAE in the model precision
     video_size: tuple[int, int] = (320, 576)  # (height, width)
     inverse_rate: float = 0.85  # long videos: the next keyframe starts from the last frame at this noise level
 
