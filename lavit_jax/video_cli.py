@@ -94,6 +94,7 @@ def add_parsers(sub, common, keep, positive, _int, _float, _top_p, _positive_flo
     video_out(sp, keyframe=True)
     motion(sp)
     sp.add_argument("--seed", type=_int(0, "must be >= 0"), default=None, help="random seed (default 0)")
+    sp.add_argument("--greedy", action="store_true", help="greedy keyframe ids instead of the release's sampling")
     sp.add_argument("--num-clips", type=positive, default=None,
                     help="clips of 24 frames, chained as the release's long videos (default 1)")
     sp.add_argument("--inverse-rate", type=_float, default=None,
@@ -187,6 +188,8 @@ def run(args, model, found, progress: bool) -> None:
         kw.update(_given(args, "llm_guidance", "motion_guidance", "top_k", "top_p", "keyframe_steps",
                          "keyframe_guidance", "num_clips", "inverse_rate"))
         kw["keyframe_size"] = _size(args, "keyframe_width", "keyframe_height", G.keyframe_size)
+        if args.greedy:
+            kw["do_sample"] = False
         frames, info = model.text2video(args.prompt, **kw)
         saved = {f"{k}_{i}": c[k] for i, c in enumerate(info) for k in ("keyframe_codes", "motion_codes")}
     elif args.command == "image2video":

@@ -252,12 +252,13 @@ class VideoLaVIT(LaVIT):
                    max_new_tokens: int | None = None, keyframe_steps: int = G.keyframe_steps,
                    keyframe_guidance: float = G.keyframe_guidance, inverse_rate: float = G.inverse_rate,
                    steps: int | None = None, min_guidance: float | None = None, max_guidance: float | None = None,
-                   seed: int = 0, return_ids: bool = False, progress: bool = False):
+                   do_sample: bool = True, seed: int = 0, return_ids: bool = False, progress: bool = False):
         """A text prompt -> video frames uint8 [24 + 23 (num_clips - 1), H, W, 3] (``video_size`` = (height,
         width)); with ``return_ids`` also a list of per-clip dicts (keyframe codes, motion codes, keyframe PIL).
 
         As the release's ``generate_video``: keyframe ids sampled (top-k ``top_k``, LLM guidance
-        ``llm_guidance``), motion ids greedy with guidance ``motion_guidance``; the keyframe decoded at
+        ``llm_guidance``; greedy with ``do_sample=False``, its ``use_nucleus_sampling=False``), motion ids
+        greedy with guidance ``motion_guidance``; the keyframe decoded at
         ``keyframe_size`` (``keyframe_steps``, ``keyframe_guidance``), the video by the video detokenizer
         (``steps``, per-frame guidance ``min_guidance`` -> ``max_guidance``: the release's when None).
         ``max_new_tokens`` (None: the visual tokens an image has) bounds the keyframe ids; motion ids are
@@ -276,7 +277,7 @@ class VideoLaVIT(LaVIT):
         kcfg = self._generation_config(
             llm_guidance=llm_guidance, top_k=top_k, top_p=top_p, temperature=temperature,
             min_new_tokens=min_new_tokens, max_new_tokens=capacity if max_new_tokens is None else max_new_tokens,
-            do_sample=True, num_beams=1, length_penalty=1.0, negative_prompt=None)
+            do_sample=do_sample, num_beams=1, length_penalty=1.0, negative_prompt=None)
         mcfg = self._motion_config(False, motion_guidance, top_k, top_p, temperature, min_new_tokens,
                                    G.max_new_tokens)
         self.require("video_detokenizer", "text2video")
