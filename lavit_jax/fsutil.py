@@ -292,22 +292,48 @@ def atomic_output_dir(out_dir, overwrite: bool = False, *, replaceable: Callable
         _fsync_dir(parent)
 
 
-def atomic_write(path, write: Callable[[str], None]) -> None:
+def atomic_write(path, write: Callable[[str], None], *, overwrite: bool = True) -> None:
     """``write(tmp)`` into a hidden sibling ``.NAME.partial-*``, fsynced, then renamed onto ``path``: ``path``
     is either absent, its old content or the whole new file, whatever kills the process. The temporary file
-    is removed when ``write`` fails."""
+    is removed when ``write`` fails.
+
+    ``overwrite=False``: FileExistsError naming ``path`` when it exists, before ``write`` runs and again when
+    the finished file is published (a hard link, which fails if another writer created ``path`` meanwhile;
+    a plain check-then-rename where the file system has no hard links)."""
     parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+    final = os.path.join(parent, name)
+    if not overwrite and os.path.lexists(final):
+        raise FileExistsError(f"file exists: {final} (not overwritten)")
     tmp = os.path.join(parent, f".{name}.{PARTIAL}-{secrets.token_hex(4)}{os.path.splitext(name)[1]}")
     try:
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(parent, name))
+        if overwrite:
+            os.replace(tmp, final)
+        else:
+            _publish_new(tmp, final)
         _fsync_dir(parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _publish_new(tmp: str, final: str) -> None:
+    """Moves the finished ``tmp`` to ``final`` only if ``final`` does not exist (FileExistsError otherwise)."""
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise FileExistsError(f"file exists: {final} (created while it was being written; not overwritten)") from None
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS):
+            raise
+        if os.path.lexists(final):  # no hard links here: check, then rename
+            raise FileExistsError(f"file exists: {final} (not overwritten)") from None
+        os.replace(tmp, final)
+        return
+    os.unlink(tmp)
 
 
 def atomic_write_json(path, obj) -> None:

@@ -210,3 +210,162 @@ def test_errors_name_the_file(tmp_path):
     with pytest.raises(V.VideoTooShortError, match="single.mp4"):
         V.load_video_clips(single)
     assert issubclass(V.VideoInputError, ValueError)
+
+
+# --- video files out ---------------------------------------------------------------------------
+
+
+def _smooth_clip(n=12, h=48, w=64):
+    """A smooth colour ramp with a soft blob moving 3 px per frame: content a 4:2:0 codec keeps well."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    out = []
+    for i in range(n):
+        blob = 120 * np.exp(-((x - 10 - 3 * i) ** 2 + (y - h / 2) ** 2) / 60)
+        out.append(np.stack([40 + 2.5 * x + blob, 60 + 2 * y, 200 - 1.5 * x + 0.5 * blob], -1))
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _palette_clip(n=6, h=20, w=30):
+    """At most 256 colours per frame (8 levels per channel pattern): a GIF stores it exactly."""
+    rng = np.random.default_rng(1)
+    levels = np.array([0, 36, 73, 109, 146, 182, 219, 255], np.uint8)
+    return levels[rng.integers(0, 6, (n, h, w, 3))]  # 6**3 = 216 colours; frames differ (none merged)
+
+
+def test_write_video_mp4_round_trip(tmp_path):
+    frames = _smooth_clip()
+    out = V.write_video(tmp_path / "clip.mp4", frames, fps=6)
+    assert out == str(tmp_path / "clip.mp4")
+    with av.open(out) as c:
+        s = c.streams.video[0]
+        assert c.format.name.startswith("mov,mp4") and s.codec_context.name in ("h264", "mpeg4")
+        assert s.average_rate == 6
+    back = V.read_video_frames(out)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    err = np.abs(back.astype(np.int64) - frames.astype(np.int64))
+    # Lossy: 8-bit RGB -> limited-range YUV 4:2:0 -> RGB alone moves smooth content by ~1 level (rounding,
+    # chroma averaged over 2x2 on gradients of <= 2.5 levels / px); CRF 18 adds about as much. Measured
+    # 1.6-1.8 per frame here (libx264); 4 leaves room for other encoder builds and the mpeg4 fallback,
+    # while a wrong channel order, a flipped or a shifted frame costs tens of levels.
+    per_frame = err.reshape(len(frames), -1).mean(1)
+    assert per_frame.max() <= 4.0, per_frame
+    # order kept: each decoded frame is nearest to its own source frame (the blob moves 3 px per frame)
+    dist = np.abs(back[:, None].astype(np.int64) - frames[None].astype(np.int64)).mean(axis=(2, 3, 4))
+    np.testing.assert_array_equal(dist.argmin(1), np.arange(len(frames)))
+
+
+def test_write_video_gif_round_trip(tmp_path):
+    from PIL import Image
+
+    frames = _palette_clip()
+    out = V.write_video(tmp_path / "clip.gif", frames, fps=6)
+    np.testing.assert_array_equal(V.read_video_frames(out), frames)  # <= 256 colours: exact
+    with Image.open(out) as im:
+        assert im.info["loop"] == 0 and im.n_frames == len(frames)
+        delays = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            delays.append(im.info["duration"])
+    assert delays == V.gif_durations_ms(len(frames), 6) == [170, 160, 170, 170, 160, 170]  # sums to 1 s: no drift
+    # more than 256 colours: median cut to 256 (measured mean error 2.2 here; a wrong palette mapping or
+    # channel order costs tens)
+    rich = _smooth_clip(n=3)
+    back = V.read_video_frames(V.write_video(tmp_path / "rich.gif", rich, fps=10))
+    assert back.shape == rich.shape
+    assert np.abs(back.astype(np.int64) - rich).mean() <= 5.0
+
+
+def test_write_video_joins_clips_and_frames(tmp_path):
+    a, b = _palette_clip(n=2), _palette_clip(n=3)[:, ::-1]
+    out = V.write_video(tmp_path / "joined.gif", [a, b], fps=4)
+    np.testing.assert_array_equal(V.read_video_frames(out), np.concatenate([a, b]))
+    out = V.write_video(tmp_path / "frames.gif", list(a), fps=4)
+    np.testing.assert_array_equal(V.read_video_frames(out), a)
+    with pytest.raises(ValueError, match="one size"):
+        V.write_video(tmp_path / "x.gif", [a, a[:, :10]], fps=4)
+    with pytest.raises(ValueError, match="batch of clips"):
+        V.write_video(tmp_path / "x.gif", np.stack([a, a]), fps=4)
+    with pytest.raises(TypeError, match="uint8, got float32"):
+        V.write_video(tmp_path / "x.gif", a.astype(np.float32), fps=4)
+    with pytest.raises(ValueError, match="fps must be positive"):
+        V.write_video(tmp_path / "x.gif", a, fps=0)
+    with pytest.raises(ValueError, match="60 fps"):
+        V.write_video(tmp_path / "x.gif", a, fps=60)
+    assert not list(tmp_path.glob("x.gif*")) and not list(tmp_path.glob(".x.gif*"))
+
+
+def test_write_video_refuses_to_overwrite(tmp_path):
+    first, second = _palette_clip(n=2), _palette_clip(n=3)
+    path = tmp_path / "out.gif"
+    V.write_video(path, first, fps=6)
+    with pytest.raises(FileExistsError, match=str(path)):
+        V.write_video(path, second, fps=6)
+    np.testing.assert_array_equal(V.read_video_frames(path), first)  # untouched
+    V.write_video(path, second, fps=6, overwrite=True)
+    np.testing.assert_array_equal(V.read_video_frames(path), second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gif"]  # no temporary file left
+
+
+def test_write_video_failure_leaves_nothing(tmp_path, monkeypatch):
+    def broken(tmp, frames, fps):
+        with open(tmp, "wb") as f:
+            f.write(b"GIF89a partial")
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(V, "_write_gif", broken)
+    with pytest.raises(OSError, match="simulated"):
+        V.write_video(tmp_path / "out.gif", _palette_clip(n=2), fps=6)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_video_bad_paths(tmp_path):
+    frames = _palette_clip(n=2)
+    with pytest.raises(ValueError, match=r"clip\.avi.*'\.avi'.*\.mp4, \.gif"):
+        V.write_video(tmp_path / "clip.avi", frames, fps=6)
+    with pytest.raises(ValueError, match=r"'\(none\)'"):
+        V.write_video(tmp_path / "clip", frames, fps=6)
+    with pytest.raises(FileNotFoundError, match="no_such_dir.*does not exist"):
+        V.write_video(tmp_path / "no_such_dir" / "clip.mp4", frames, fps=6)
+    with pytest.raises(V.UnreadableVideoError, match="missing.mp4"):
+        V.read_video_frames(tmp_path / "missing.mp4")
+
+
+def test_write_video_odd_sizes(tmp_path):
+    frames = _smooth_clip(n=4, h=47, w=63)
+    with pytest.raises(ValueError, match=r"47x63 \(H x W\) is odd"):
+        V.write_video(tmp_path / "odd.mp4", frames, fps=6)
+    assert not (tmp_path / "odd.mp4").exists()
+    back = V.read_video_frames(V.write_video(tmp_path / "odd.mp4", frames, fps=6, pad_odd=True))
+    assert back.shape == (4, 48, 64, 3)  # one row and one column repeated
+    assert np.abs(back[:, :47, :63].astype(np.int64) - frames).mean() <= 4.0
+    odd = _palette_clip(n=3, h=21, w=31)  # GIF has no parity constraint
+    np.testing.assert_array_equal(V.read_video_frames(V.write_video(tmp_path / "odd.gif", odd, fps=6)), odd)
+
+
+def test_read_video_frames_fixture_stream():
+    """The fixture's raw MPEG-4 Part 2 stream (no container, no timestamps) decodes whole; its I-frames
+    equal the keyframes of the motion-vector decode."""
+    if not VIDEO_FIXTURES:
+        pytest.skip("no Video-LaVIT fixture set")
+    video = VIDEO_FIXTURES[0] / "video.mp4"
+    frames = V.read_video_frames(video)
+    decoded = V.extract_motions(video, reencode=False)
+    assert frames.shape == (len(decoded.frame_types), decoded.height, decoded.width, 3)
+    for i, key in decoded.keyframes.items():
+        np.testing.assert_array_equal(frames[i], key)
+
+
+def test_write_video_never_replaces_a_file_created_meanwhile(tmp_path, monkeypatch):
+    """Another writer creates the path while ours encodes: the finished file is not published over it."""
+    real = V._write_gif
+    path = tmp_path / "out.gif"
+
+    def racing(tmp, frames, fps):
+        path.write_bytes(b"theirs")
+        real(tmp, frames, fps)
+
+    monkeypatch.setattr(V, "_write_gif", racing)
+    with pytest.raises(FileExistsError, match="created while it was being written"):
+        V.write_video(path, _palette_clip(n=2), fps=6)
+    assert path.read_bytes() == b"theirs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.gif"]

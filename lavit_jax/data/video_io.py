@@ -18,6 +18,10 @@ Pipeline (the reference's ``extract_motions`` + ``MotionVectorProcessor`` + clip
 6. ``load_video_clips``: all of it, plus each clip's keyframe as RGB uint8 and CLIP-normalised
    224 x 224 pixels. Outputs are channels-last: motion [N, T, h, w, 2], pixels [N, 224, 224, 3].
 
+Whole frames: ``read_video_frames`` (any file PyAV or, for GIFs, Pillow decodes -> uint8 [T, H, W, 3]) and
+``write_video`` (uint8 frames -> ``.mp4`` H.264 or ``.gif``, written atomically, never overwriting unless
+asked).
+
 All arithmetic follows the reference's dtypes (float64 maps, float32 from the clip tensors on) so
 that the results are bit-identical to it.
 """
@@ -32,6 +36,7 @@ from collections.abc import Sequence
 import av
 import numpy as np
 
+from lavit_jax import fsutil
 from lavit_jax.data import image_io
 from lavit_jax.ops.resize import resize_bicubic
 
@@ -340,3 +345,193 @@ def load_video_clips(path, *, reencode: bool = True, fps: int = FPS, num_frames:
         start_indices=starts,
         frame_types=decoded.frame_types,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Whole-frame decoding and video files out
+# --------------------------------------------------------------------------------------------------
+
+VIDEO_EXTENSIONS = (".mp4", ".gif")
+MP4_CODECS = ("libx264", "mpeg4")  # the first one this PyAV build can encode is used
+MP4_CRF = 18  # libx264 constant-rate factor: visually near-lossless
+MP4_MPEG4_QSCALE = 2  # the mpeg4 fallback's fixed quantiser (1 best .. 31)
+GIF_MAX_FPS = 50.0  # GIF delays are whole 1/100 s and players raise delays under 2/100 s to 1/10 s
+
+
+def _is_gif(p: str) -> bool:
+    with open(p, "rb") as f:
+        return f.read(6) in (b"GIF87a", b"GIF89a")
+
+
+def read_video_frames(path) -> np.ndarray:
+    """Every frame of a video file as RGB uint8 [T, H, W, 3] (GIFs via Pillow, composited; the rest via PyAV).
+
+    Raises ``UnreadableVideoError`` naming the file when it is missing, empty, not a video or has no frames.
+    """
+    name = _check_file(path)
+    if isinstance(path, str | os.PathLike) and _is_gif(name):
+        from PIL import Image, ImageSequence
+
+        try:
+            with Image.open(name) as im:
+                frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(im)]
+        except (OSError, ValueError) as e:
+            raise UnreadableVideoError(f"cannot decode GIF {name} ({type(e).__name__}: {e})") from e
+    else:
+        container = _open(os.fspath(path) if isinstance(path, str | os.PathLike) else path, name)
+        try:
+            stream = _video_stream(container, name)
+            stream.thread_type = "AUTO"
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        except av.FFmpegError as e:
+            raise UnreadableVideoError(f"cannot decode video {name} ({type(e).__name__}: {e})") from e
+        finally:
+            container.close()
+    if not frames:
+        raise UnreadableVideoError(f"no decodable video frames in {name}")
+    return np.stack(frames)
+
+
+def _frames_array(frames, path: str) -> np.ndarray:
+    """frames [T, H, W, 3] uint8, or a sequence of [H, W, 3] frames or of [T, H, W, 3] clips (joined in order)."""
+    if isinstance(frames, list | tuple):
+        if not frames:
+            raise ValueError(f"write_video {path}: no frames (empty sequence)")
+        parts = [np.asarray(f) for f in frames]
+        ranks = {p.ndim for p in parts}
+        if ranks not in ({3}, {4}):
+            raise ValueError(f"write_video {path}: a sequence must hold [H, W, 3] frames or [T, H, W, 3] clips, "
+                             f"got shapes {sorted({p.shape for p in parts})}")
+        for i, p in enumerate(parts[1:], 1):
+            if p.shape[-3:] != parts[0].shape[-3:]:
+                raise ValueError(f"write_video {path}: element {i} has frame size {p.shape[-3:]}, element 0 "
+                                 f"{parts[0].shape[-3:]}; all frames must have one size")
+            if p.dtype != parts[0].dtype:
+                raise TypeError(f"write_video {path}: element {i} is {p.dtype}, element 0 {parts[0].dtype}")
+        arr = np.stack(parts) if ranks == {3} else np.concatenate(parts)
+    else:
+        arr = np.asarray(frames)
+    if arr.ndim != 4 or arr.shape[-1] != 3:
+        hint = (" (a batch of clips? write one file per clip, or pass list(frames) to join them)"
+                if arr.ndim == 5 else "")
+        raise ValueError(f"write_video {path}: frames must be [T, H, W, 3] RGB, got shape {arr.shape}{hint}")
+    if arr.dtype != np.uint8:
+        raise TypeError(f"write_video {path}: frames must be uint8, got {arr.dtype} (convert first, e.g. "
+                        "video_sampling.frames_to_uint8 for [-1, 1] floats)")
+    if min(arr.shape[:3]) < 1:
+        raise ValueError(f"write_video {path}: no frames (shape {arr.shape})")
+    return np.ascontiguousarray(arr)
+
+
+def _mp4_codec() -> str:
+    for name in MP4_CODECS:
+        if name in av.codecs_available:
+            try:
+                av.Codec(name, "w")
+                return name
+            except (av.FFmpegError, ValueError):
+                continue
+    raise RuntimeError(f"this PyAV build can encode none of {MP4_CODECS}: cannot write .mp4 (write a .gif)")
+
+
+def _write_mp4(tmp: str, frames: np.ndarray, fps: float) -> None:
+    from fractions import Fraction
+
+    codec = _mp4_codec()
+    rate = Fraction(fps).limit_denominator(1001)
+    with av.open(tmp, "w", format="mp4") as dst:
+        stream = dst.add_stream(codec, rate=rate)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        cc = stream.codec_context
+        cc.time_base = 1 / rate
+        if codec == "libx264":
+            cc.options = {"crf": str(MP4_CRF), "preset": "medium"}
+        else:
+            cc.qscale = MP4_MPEG4_QSCALE
+            cc.flags |= av.codec.context.Flags.qscale
+        for i, img in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(img, format="rgb24")
+            frame.pts, frame.time_base = i, cc.time_base
+            for packet in stream.encode(frame):
+                dst.mux(packet)
+        for packet in stream.encode(None):
+            dst.mux(packet)
+
+
+def gif_durations_ms(n: int, fps: float) -> list[int]:
+    """Per-frame GIF delays (ms, whole 1/100 s): frame i starts at round(100 i / fps) / 100 s, so the
+    clip keeps its length (6 fps -> 170, 160, 170, ... ms) where one rounded delay would drift."""
+    starts = np.round(np.arange(n + 1) * 100.0 / fps).astype(np.int64)
+    return [int(d) * 10 for d in np.diff(starts)]
+
+
+def _gif_frame(img: np.ndarray):
+    from PIL import Image
+
+    im = Image.fromarray(img)
+    colors = np.unique(img.reshape(-1, 3), axis=0)
+    if len(colors) <= 256:  # exact: a palette of the frame's own colours
+        pal = Image.new("P", (1, 1))
+        pal.putpalette(colors.astype(np.uint8).ravel().tolist() + [0] * (3 * (256 - len(colors))))
+        return im.quantize(palette=pal, dither=Image.Dither.NONE)
+    return im.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+
+
+def _write_gif(tmp: str, frames: np.ndarray, fps: float) -> None:
+    images = [_gif_frame(f) for f in frames]
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], loop=0,
+                   duration=gif_durations_ms(len(images), fps), disposal=1, optimize=False)
+
+
+def write_video(path, frames, fps: float, *, overwrite: bool = False, pad_odd: bool = False) -> str:
+    """Writes RGB uint8 ``frames`` [T, H, W, 3] (or a sequence of frames / of clips, joined) to ``path``.
+
+    By extension:
+    - ``.mp4``: H.264 (libx264, CRF ``MP4_CRF``; MPEG-4 Part 2 where the PyAV build lacks libx264), yuv420p
+      (lossy; chroma at half resolution). yuv420p needs even sizes: an odd height or width is a ValueError
+      naming the size unless ``pad_odd=True``, which repeats the last row / column (the file is then
+      one pixel larger).
+    - ``.gif`` (Pillow): loops forever; delays in whole 1/100 s (``gif_durations_ms``), so ``fps`` <=
+      ``GIF_MAX_FPS``. A frame with at most 256 colours is stored exactly, others quantised to 256 (median
+      cut, no dithering). Pillow stores a run of identical frames as one frame with their summed delay:
+      it plays the same, but a reader counts fewer frames.
+
+    Atomic (``fsutil.atomic_write``): ``path`` is absent or whole, never partly written. An existing
+    ``path`` is a FileExistsError unless ``overwrite=True``; the directory must exist. Returns the
+    absolute path.
+    """
+    p = os.path.abspath(os.fspath(path))
+    ext = os.path.splitext(p)[1].lower()
+    if ext not in VIDEO_EXTENSIONS:
+        raise ValueError(f"write_video {p}: unsupported extension {ext or '(none)'!r}; accepted: "
+                         f"{', '.join(VIDEO_EXTENSIONS)}")
+    try:
+        fps = float(fps)
+    except (TypeError, ValueError):
+        raise TypeError(f"write_video {p}: fps must be a number, got {fps!r}") from None
+    if not np.isfinite(fps) or fps <= 0:
+        raise ValueError(f"write_video {p}: fps must be positive and finite, got {fps}")
+    if ext == ".gif" and fps > GIF_MAX_FPS:
+        raise ValueError(f"write_video {p}: {fps:g} fps is above the {GIF_MAX_FPS:g} a GIF can play (delays are "
+                         "whole 1/100 s); drop frames or write an .mp4")
+    arr = _frames_array(frames, p)
+    if ext == ".mp4":
+        t, h, w, _ = arr.shape
+        if h % 2 or w % 2:
+            if not pad_odd:
+                raise ValueError(f"write_video {p}: frame size {h}x{w} (H x W) is odd; .mp4 (yuv420p) needs even "
+                                 "sizes: crop, pass pad_odd=True (repeats the last row / column) or write a .gif")
+            arr = np.pad(arr, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    parent = os.path.dirname(p)
+    if not os.path.isdir(parent):
+        raise FileNotFoundError(f"write_video {p}: directory {parent} does not exist")
+    if os.path.isdir(p):
+        raise IsADirectoryError(f"write_video {p}: is a directory")
+    if not overwrite and os.path.lexists(p):
+        raise FileExistsError(f"write_video {p}: file exists (pass overwrite=True to replace it)")
+    write = _write_mp4 if ext == ".mp4" else _write_gif
+    try:
+        fsutil.atomic_write(p, lambda tmp: write(tmp, arr, fps), overwrite=overwrite)
+    except FileExistsError as e:
+        raise FileExistsError(f"write_video {p}: {e} (pass overwrite=True to replace it)") from None
+    return p
