@@ -140,7 +140,9 @@ def check_inputs(args, check_writable, resolve_checkpoint) -> dict:
     if getattr(args, "video", None) is not None:
         inputs.append(args.video)
     if getattr(args, "out", None) is not None:
-        video_io.check_video_path(args.out)
+        ext = os.path.splitext(args.out)[1].lower()
+        if ext not in video_io.VIDEO_EXTENSIONS:
+            raise ValueError(f"output file {args.out}: use a video extension ({', '.join(video_io.VIDEO_EXTENSIONS)})")
         check_writable(args.out, "--out", args.overwrite, inputs)
         if args.ids_out:
             if not args.ids_out.endswith(".npz"):
