@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from configs import lavit_7b
+
 
 def motion_tokenizer_config() -> ml_collections.ConfigDict:
     """The motion VQ tokenizer (``motion_tokenizer.bin``): 2 x 24 x 20 x 36 motion -> 3 x 5 x 9 codes."""
@@ -94,8 +96,13 @@ def detokenizer_config() -> ml_collections.ConfigDict:
 
 
 def get_config() -> ml_collections.ConfigDict:
+    """The release (``rain1011/Video-LaVIT-v1``): its keyframe tokenizer is LaVIT's (``configs/lavit_7b.py``).
+
+    ``python tools/convert_torch_weights.py --src RELEASED_DIR --out OUT_DIR --config configs/video_lavit.py``
+    """
     config = ml_collections.ConfigDict()
     config.name = "video_lavit"
+    config.tokenizer = lavit_7b.get_config().tokenizer
     config.motion_tokenizer = motion_tokenizer_config()
     config.detokenizer = detokenizer_config()
     config.checkpoint = ""

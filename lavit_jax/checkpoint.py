@@ -169,18 +169,19 @@ def tokenizer_config(ckpt_dir: str, **runtime) -> ml_collections.FrozenConfigDic
 
 
 def load_visual_tokenizer(ckpt_dir: str, *, understanding: bool = False, decoders: bool = True, mesh=None,
-                          **runtime) -> VisualTokenizer:
+                          understanding_part: str = "language_model", **runtime) -> VisualTokenizer:
     """The converted visual tokenizer with its token decoders (none read with ``decoders=False``).
 
-    ``understanding`` lays the stage-2 merger + projector (``language_model/visual_weight``) over the
-    tokenizer params, as the reference does for image understanding.
+    ``understanding`` lays the stage-2 merger + projector (``language_model/visual_weight``; Video-LaVIT's
+    SFT model: ``understanding_part="language_model_sft"``) over the tokenizer params, as the reference
+    does for understanding.
     """
     config = tokenizer_config(ckpt_dir, **runtime)
     entry = part_entry(ckpt_dir, "visual_tokenizer", "the visual tokenizer")
     root = os.path.join(ckpt_dir, "visual_tokenizer")
     params = scan.relayout(load_tree(os.path.join(root, "tokenizer")), TOKENIZER_STACKS, config.scan_layers)
-    if understanding and part_entry(ckpt_dir, "language_model", "image understanding").get("visual_weight"):
-        over = load_tree(os.path.join(ckpt_dir, "language_model", "visual_weight"))
+    if understanding and part_entry(ckpt_dir, understanding_part, "understanding").get("visual_weight"):
+        over = load_tree(os.path.join(ckpt_dir, understanding_part, "visual_weight"))
         params = _merge(params, scan.relayout(over, TOKENIZER_STACKS, config.scan_layers))
     dec = {name: scan.relayout(load_tree(os.path.join(root, f"{name}_decoder")), DECODER_STACKS, config.scan_layers)
            for name in DECODER_FOLDERS if decoders and f"{name}_decoder" in entry["files"]}
@@ -203,13 +204,14 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_language_model(ckpt_dir: str, *, dtype=None, **runtime):
-    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM.
+def load_language_model(ckpt_dir: str, *, dtype=None, part: str = "language_model", **runtime):
+    """(LlamaForCausalLM, params in ``dtype`` (default: stored), TextTokenizer) of the converted LLM
+    (``part="language_model_sft"``: Video-LaVIT's understanding model).
 
     ``weights="int8"`` (a run-time knob, as ``attention_impl``): the projections and LM head are quantised at
     load (``ops.quant.quantize_params``: int8 kernels + per-channel float32 scales)."""
-    entry = part_entry(ckpt_dir, "language_model", "the language model")
-    root = os.path.join(ckpt_dir, "language_model")
+    entry = part_entry(ckpt_dir, part, "the language model")
+    root = os.path.join(ckpt_dir, part)
     dtype = jnp.dtype(dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
     cfg = llama.llama_config(entry["config"], os.path.join(root, "config.json"),
                              **{"dtype": dtype.name, "param_dtype": dtype.name, **runtime})
@@ -290,6 +292,97 @@ def load_safety_checker(ckpt_dir: str):
     crop = crop.get("height") if isinstance(crop, dict) else crop
     return sc.SafetyChecker(model, load_tree(os.path.join(root, "params"), dtype=jnp.float32), size=size,
                             crop_size=crop)
+
+
+# ------------------------------------------------------------------------------------------ Video-LaVIT
+
+MOTION_TOKENIZER = "motion_tokenizer"
+VIDEO_DETOKENIZER = "video_detokenizer"
+SFT_LANGUAGE_MODEL = "language_model_sft"
+
+
+def motion_tokenizer_config(ckpt_dir: str, **runtime) -> ml_collections.FrozenConfigDict:
+    """The converted motion tokenizer's config with run-time overrides (dtype, attention_impl, ...)."""
+    cfg = dict(part_entry(ckpt_dir, MOTION_TOKENIZER, "the motion tokenizer")["config"])
+    for k in ("down_strides", "down_pads", "up_factors"):
+        cfg[k] = _tuples(cfg[k])
+    return freeze(cfg, **runtime)
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, list | tuple) else x
+
+
+def load_motion_tokenizer(ckpt_dir: str, *, sft: bool = False, **runtime):
+    """(MotionTokenizer, params on device) of ``motion_tokenizer/``, or with ``sft`` the SFT model's own
+    (``language_model_sft/motion_tokenizer``, the one its understanding path tokenizes with) when it has one."""
+    from lavit_jax.models.motion_tokenizer import MOTION_TOKENIZER_STACKS, MotionTokenizer
+
+    config = motion_tokenizer_config(ckpt_dir, **runtime)
+    path = os.path.join(ckpt_dir, MOTION_TOKENIZER, "params")
+    if sft and part_entry(ckpt_dir, SFT_LANGUAGE_MODEL, "video understanding").get("motion_tokenizer"):
+        path = os.path.join(ckpt_dir, SFT_LANGUAGE_MODEL, "motion_tokenizer")
+    params = scan.relayout(load_tree(path), MOTION_TOKENIZER_STACKS, config.scan_layers)
+    return MotionTokenizer(config), to_device(params)
+
+
+def _video_entry(ckpt_dir: str) -> dict:
+    return part_entry(ckpt_dir, VIDEO_DETOKENIZER, "video decoding")
+
+
+def video_sampling_settings(ckpt_dir: str, **overrides):
+    """The video detokenizer's sampling settings stored at conversion (``VideoSampling``), with ``overrides``
+    (None values ignored)."""
+    from lavit_jax.inference.video_sampling import VideoSampling
+
+    return VideoSampling.from_config(_video_entry(ckpt_dir)["sampling"], **overrides)
+
+
+def video_size_factor(ckpt_dir: str) -> int:
+    """What video sides must be multiples of: the temporal VAE x the 3D UNet downsampling (configs only)."""
+    root = os.path.join(ckpt_dir, VIDEO_DETOKENIZER)
+    with open(os.path.join(root, "unet_config.json")) as f:
+        unet_blocks = len(json.load(f)["block_out_channels"])
+    with open(os.path.join(root, "vae_config.json")) as f:
+        vae_blocks = len(json.load(f)["block_out_channels"])
+    return 2 ** (vae_blocks - 1) * 2 ** (unet_blocks - 1)
+
+
+def load_video_detokenizer(ckpt_dir: str, *, unet_dtype=None, attention_impl: str | None = "auto"):
+    """The converted video detokenizer (``inference.video_sampling.VideoDetokenizer``): motion tokenizer and
+    motion condition encoder in float32, the 3D UNet in ``unet_dtype`` (default: stored), the temporal VAE in
+    float32."""
+    from lavit_jax.inference import video_sampling
+    from lavit_jax.models import motion_encoder as me_lib
+    from lavit_jax.models import vae_temporal, video_unet
+    from lavit_jax.models.motion_encoder import MOTION_ENCODER_STACKS
+
+    entry = _video_entry(ckpt_dir)
+    root = os.path.join(ckpt_dir, VIDEO_DETOKENIZER)
+    unet_dtype = jnp.dtype(unet_dtype or read_manifest(ckpt_dir).get("dtype", "float32"))
+    me_cfg = freeze(entry["motion_encoder_config"])
+    me_cfg = freeze(me_cfg, grid=tuple(me_cfg.grid))
+    unet_cfg = load_json_config(os.path.join(root, "unet_config.json"), "config.json",
+                                lambda d: video_unet.video_unet_config(d, motion_grid=tuple(me_cfg.grid)),
+                                "video UNet config")
+    vae_cfg = load_json_config(os.path.join(root, "vae_config.json"), "config.json", vae_temporal.temporal_vae_config,
+                               "temporal VAE config")
+    sched = video_sampling.svd_scheduler_config(entry["scheduler_config"])
+    mt_model, mt_params = load_motion_tokenizer(ckpt_dir)
+    me_params = scan.relayout(load_tree(os.path.join(root, "motion_encoder")), MOTION_ENCODER_STACKS,
+                              me_cfg.scan_layers)
+    return video_sampling.VideoDetokenizer(
+        motion_tokenizer_params=mt_params,
+        motion_encoder_params=to_device(me_params),
+        unet_params=load_tree(os.path.join(root, "unet"), dtype=unet_dtype),
+        vae_params=load_tree(os.path.join(root, "vae"), dtype=jnp.float32),
+        motion_tokenizer=mt_model,
+        motion_encoder=me_lib.MotionConditionEncoder(me_cfg),
+        unet=video_unet.UNetSpatioTemporalConditionModel(unet_cfg, dtype=unet_dtype, param_dtype=unet_dtype,
+                                                         attention_impl=attention_impl),
+        vae=vae_temporal.AutoencoderKLTemporalDecoder(vae_cfg),
+        scheduler_config=sched,
+    )
 
 
 # ------------------------------------------------------------------------------------------ writing

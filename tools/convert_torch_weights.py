@@ -97,7 +97,7 @@ def main(argv=None):
         name = os.path.relpath(args.config, REPO) if os.path.abspath(args.config).startswith(REPO + os.sep) \
             else args.config
         manifest = convert(args.src, args.out, config.tokenizer, DTYPES[args.dtype], args.overwrite,
-                           config_name=name)
+                           config_name=name, video_config=config)
         if args.verify:
             from lavit_jax.convert import verify
 

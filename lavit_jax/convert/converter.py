@@ -17,6 +17,7 @@ part's params in the target dtype plus one tensor in flight. Nothing in the file
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -35,7 +36,7 @@ from lavit_jax import checkpoint, fsutil, vocab
 from lavit_jax.convert import diffusers as convert_diffusers
 from lavit_jax.convert import llama as convert_llama
 from lavit_jax.convert import tokenizer as convert_tokenizer
-from lavit_jax.convert import torch_io
+from lavit_jax.convert import torch_io, video_release
 from lavit_jax.data.text_tokenizer import FAST_FILE, load_text_tokenizer, save_fast_tokenizer
 from lavit_jax.ops.config import as_dict, freeze
 
@@ -141,19 +142,21 @@ def convert_visual_tokenizer(src: str, out: str, tokenizer_config, dtype: str, l
     return {"files": done, "config": as_dict(tokenizer_config)}
 
 
-def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log) -> dict:
-    """language_model/ -> OUT/language_model/{params/, visual_weight/, config.json, tokenizer.model,
+def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log, folder: str = "language_model",
+                           ignore_prefixes=()) -> dict:
+    """language_model/ (or ``folder``) -> OUT/<folder>/{params/, visual_weight/, config.json, tokenizer.model,
     text_tokenizer.json}.
 
     ``visual_weight.bin`` (stage-2 merger + projector) becomes a partial tokenizer param tree that is
-    laid over the tokenizer params for understanding.
+    laid over the tokenizer params for understanding. Keys under ``ignore_prefixes`` are not the LLM's.
     """
-    lm_src = os.path.join(src, "language_model")
-    lm_out = os.path.join(out, "language_model")
+    lm_src = os.path.join(src, folder)
+    lm_out = os.path.join(out, folder)
     _require(lm_src, ("config.json", "tokenizer.model"))
     cfg = checkpoint.read_llama_config(lm_src)
     files = convert_llama.hf_shard_files(lm_src)
-    params = convert_llama.llama_params(lm_src, cfg, dtype, progress=lambda it, desc: _bar(it, desc, "shard"))
+    params = convert_llama.llama_params(lm_src, cfg, dtype, progress=lambda it, desc: _bar(it, desc, "shard"),
+                                        ignore_prefixes=ignore_prefixes)
     os.makedirs(lm_out, exist_ok=True)
     save_tree(os.path.join(lm_out, "params"), params)
     del params
@@ -167,20 +170,21 @@ def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log
         save_tree(os.path.join(lm_out, "visual_weight"),
                              convert_tokenizer.load_visual_weight(vw, tokenizer_config, dtype))
         entry["visual_weight"] = True
-    else:
-        log("  language_model: visual_weight.bin absent; understanding will use tokenizer_encoder.bin's merger")
+    elif not ignore_prefixes:
+        log(f"  {folder}: visual_weight.bin absent; understanding will use tokenizer_encoder.bin's merger")
     return entry
 
 
 def convert_pixel_decoding(src: str, out: str, tokenizer_config, dtype: str, log,
-                           folder: str = "pixel_decoding") -> dict:
+                           folder: str = "pixel_decoding", source: str | None = None) -> dict:
     """pixel_decoding/ (SD-1.5) or highres_pixel_decoding/ (SDXL) -> OUT/<folder>/{unet/, vae/,
-    unet_config.json, vae_config.json, scheduler_config.json[, uncond_embeddings.npy]}.
+    unet_config.json, vae_config.json, scheduler_config.json[, uncond_embeddings.npy]}. ``source``: the
+    released folder when it is named otherwise (Video-LaVIT's ``image_detokenizer/``).
 
     The UNet is stored in ``dtype``; the VAE always in float32 (LaVIT decodes in float32).
     """
     highres = DIFFUSION_FOLDERS[folder]
-    p_src = os.path.join(src, folder)
+    p_src = os.path.join(src, source or folder)
     p_out = os.path.join(out, folder)
     unet_cfg, vae_cfg, uncond = check_pixel_decoding(p_src, highres)
     os.makedirs(p_out, exist_ok=True)
@@ -452,8 +456,11 @@ def _diffusers_weight_files(folder: str) -> list[str]:
                                    f"{', '.join(convert_diffusers.WEIGHT_NAMES)} and *.index.json)")
 
 
-def preflight(src: str, parts, tokenizer_config, config_name: str = "the tokenizer config", log=print) -> None:
-    """Checks every part in ``parts`` before anything is converted; raises naming the file or field."""
+def preflight(src: str, parts, tokenizer_config, config_name: str = "the tokenizer config", log=print,
+              sources=None) -> None:
+    """Checks every part in ``parts`` before anything is converted; raises naming the file or field.
+    ``sources``: {part: released folder} where a part's folder is named otherwise (default ``PART_SOURCES``)."""
+    sources = PART_SOURCES if sources is None else sources
     if "visual_tokenizer" in parts:
         files = convert_tokenizer.VISUAL_TOKENIZER_FILES
         vt_src = os.path.join(src, "visual_tokenizer")
@@ -482,7 +489,7 @@ def preflight(src: str, parts, tokenizer_config, config_name: str = "the tokeniz
     for folder, highres in DIFFUSION_FOLDERS.items():
         if folder not in parts:
             continue
-        p_src = os.path.join(src, folder)
+        p_src = os.path.join(src, sources.get(folder, folder))
         check_pixel_decoding(p_src, highres)
         for sub in ("unet", "vae"):
             for path in _diffusers_weight_files(os.path.join(p_src, sub)):
@@ -492,13 +499,35 @@ def preflight(src: str, parts, tokenizer_config, config_name: str = "the tokeniz
 DTYPES = ("bfloat16", "float32")
 
 
+def _release_parts(src: str, video_config, config_name: str):
+    """(part -> converter, part -> released folder or file) for the release at ``src``: LaVIT's parts, plus
+    Video-LaVIT's (``convert/video_release.py``) when ``src`` holds them."""
+    parts, sources = dict(PARTS), dict(PART_SOURCES)
+    if not video_release.is_video_release(src):
+        return parts, sources, False
+    if video_config is None:
+        raise ValueError(f"{src} is a Video-LaVIT release: pass its config (--config configs/video_lavit.py)")
+    video_release.video_configs(video_config, config_name)  # the sections it needs, before anything else
+    kw = dict(config=video_config, config_name=config_name)
+    for part, fn in ((checkpoint.SFT_LANGUAGE_MODEL, video_release.convert_language_model_sft),
+                     (checkpoint.MOTION_TOKENIZER, video_release.convert_motion_tokenizer),
+                     (checkpoint.VIDEO_DETOKENIZER, video_release.convert_video_detokenizer),
+                     ("highres_pixel_decoding", video_release.convert_image_detokenizer)):
+        parts[part] = functools.partial(fn, **kw)
+    sources.update(video_release.SOURCES)
+    sources["highres_pixel_decoding"] = video_release.IMAGE_DETOKENIZER_DIR
+    return parts, sources, True
+
+
 def convert(src: str, out: str, tokenizer_config, dtype: str = "bfloat16", overwrite: bool = False,
-            log=print, config_name: str = "the tokenizer config") -> dict:
+            log=print, config_name: str = "the tokenizer config", video_config=None) -> dict:
     """Converts every part present in ``src``; returns the manifest written to OUT/lavit.json.
 
     ``tokenizer_config`` gives the visual tokenizer's widths and head counts (``configs/lavit_7b.py``
-    for the release); ``config_name`` names it in messages. Everything is checked before anything is
-    written; ``overwrite`` replaces an existing lavit-jax checkpoint at ``out``, nothing else.
+    for the release); ``config_name`` names it in messages. A Video-LaVIT release also needs
+    ``video_config`` (the whole ``configs/video_lavit.py`` config: its motion tokenizer, motion encoder and
+    sampling sections). Everything is checked before anything is written; ``overwrite`` replaces an
+    existing lavit-jax checkpoint at ``out``, nothing else.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -510,25 +539,29 @@ def convert(src: str, out: str, tokenizer_config, dtype: str = "bfloat16", overw
     out = os.path.abspath(os.fspath(out))
     fsutil.check_disjoint(out, src)
     fsutil.check_output_dir(out, overwrite, is_converted_checkpoint, CHECKPOINT_KIND)
-    present = [p for p in PARTS if os.path.isdir(os.path.join(src, PART_SOURCES.get(p, p)))]
-    absent = [p for p in PARTS if p not in present]
+    parts, sources, video = _release_parts(src, video_config, config_name)
+    present = [p for p in parts if os.path.exists(os.path.join(src, sources.get(p, p)))]
+    absent = [p for p in parts if p not in present]
     if not present:
-        raise FileNotFoundError(f"{src}: none of the released parts found ({', '.join(PARTS)})")
+        raise FileNotFoundError(f"{src}: none of the released parts found ({', '.join(parts)})")
     for p in absent:
-        log(f"absent in source, not converted: {PART_SOURCES.get(p, p)}/")
+        name = sources.get(p, p)
+        log(f"absent in source, not converted: {name}{'' if '.' in os.path.basename(name) else '/'}")
     tokenizer_config = freeze(tokenizer_config, scan_layers=True)  # stored in the stacked layout
     if "visual_tokenizer" in present:
         t = tokenizer_config
         log(f"tokenizer config: {config_name} (eva_width {t.eva_width}, eva_depth {t.eva_depth}, eva_heads "
             f"{t.eva_heads}, width {t.width}, heads {t.heads}, n_code {t.n_code})")
-    preflight(src, present, tokenizer_config, config_name, log)
-    manifest = {"format": checkpoint.FORMAT, "dtype": dtype, "source": src, "config_file": config_name,
-                "layers": "stacked", "parts": {}, "absent": absent}
+    preflight(src, present, tokenizer_config, config_name, log, sources)
+    if video:
+        video_release.preflight(src, present, tokenizer_config, video_config, config_name, log)
+    manifest = {"format": checkpoint.FORMAT, "model": "video_lavit" if video else "lavit", "dtype": dtype,
+                "source": src, "config_file": config_name, "layers": "stacked", "parts": {}, "absent": absent}
     with fsutil.atomic_output_dir(out, overwrite, replaceable=is_converted_checkpoint, kind=CHECKPOINT_KIND,
                                   protect=[src], log=log) as tmp:
         for part in present:
             t0 = time.time()
-            manifest["parts"][part] = PARTS[part](src, tmp, tokenizer_config, dtype, log)
+            manifest["parts"][part] = parts[part](src, tmp, tokenizer_config, dtype, log)
             log(f"converted {part}/ in {time.time() - t0:.1f}s")
         path = os.path.join(tmp, checkpoint.MANIFEST)
         with open(path, "w") as f:

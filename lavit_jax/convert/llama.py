@@ -66,10 +66,11 @@ def hf_shard_files(model_dir: str) -> list[str]:
     )
 
 
-def llama_params(model_dir, config, dtype, progress=None) -> dict:
+def llama_params(model_dir, config, dtype, progress=None, ignore_prefixes=()) -> dict:
     """numpy params of ``LlamaForCausalLM(config)`` in ``dtype`` from an HF checkpoint directory.
 
-    ``progress(iterable, desc)`` optionally wraps the shard list (e.g. a tqdm bar). Raises
+    ``progress(iterable, desc)`` optionally wraps the shard list (e.g. a tqdm bar); keys starting with one of
+    ``ignore_prefixes`` are other modules' (Video-LaVIT's SFT shards also hold its tokenizers). Raises
     ``WeightFileError`` naming a missing/corrupt shard and one ``WeightMismatchError`` listing all
     missing/unexpected/mis-shaped keys. Peak memory ~ params in ``dtype`` + one tensor in flight.
     """
@@ -77,8 +78,10 @@ def llama_params(model_dir, config, dtype, progress=None) -> dict:
     np_dtype = np.dtype(jnp.dtype(dtype))
     files = hf_shard_files(model_dir)
     converted: dict[str, np.ndarray] = {}
-    for path in (progress(files, "language_model") if progress else files):
+    for path in (progress(files, os.path.basename(os.path.normpath(model_dir))) if progress else files):
         for key, value in torch_io.iter_tensors(path):
+            if key.startswith(tuple(ignore_prefixes)):
+                continue
             r = hf_key_rule(key)
             if r is None:
                 continue

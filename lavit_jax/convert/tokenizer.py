@@ -153,11 +153,22 @@ def load_visual_tokenizer(ckpt_dir, config, dtype=None, understanding_weights=No
 
 def load_visual_weight(path, config, dtype=None) -> dict:
     """``visual_weight.bin`` (stage-2 merger + projector) -> the partial tokenizer param tree it overrides."""
-    sd = torch_io.load_torch_file(path)
+    return visual_weight_from_state_dict(torch_io.load_torch_file(path), config, dtype, source=os.fspath(path))
+
+
+def visual_weight_from_state_dict(sd, config, dtype=None, *, source: str) -> dict:
+    """Tokenizer keys (a part of them, e.g. ``visual_weight.bin``'s merger + projector, or all of Video-LaVIT's
+    SFT ``model.visual_tokenizer.*`` with the prefix removed) -> the partial param tree they override."""
     shapes = tokenizer_param_shapes(config)
-    rule = released_key_rule(sd)
-    mapped = {rule(k)[0] for k in sd}
-    tree = torch_io.assign_params(sd, rule, shapes, source=os.fspath(path), dtype=np.float32,
+    eva = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    eva_rule = released_key_rule(eva, prefix=("encoder",), ignore=("norm", "head"))  # as eva_vitg_psz14.bin
+    rest_rule = released_key_rule(sd)
+
+    def rule(key):
+        return eva_rule(key[len("encoder."):]) if key.startswith("encoder.") else rest_rule(key)
+
+    mapped = {r[0] for r in map(rule, sd) if r is not None}
+    tree = torch_io.assign_params(sd, rule, shapes, source=source, dtype=np.float32,
                                   ignore_missing=[p for p in shapes if p not in mapped])
     return scan.relayout(linear_weights_to(tree, dtype), TOKENIZER_STACKS, config.scan_layers)
 

@@ -112,9 +112,9 @@ class VideoLaVIT(LaVIT):
     @property
     def understanding_motion_tokenizer(self):
         """(MotionTokenizer, params): the SFT model's own when it has one, else ``motion_tokenizer/``."""
-        part = checkpoint.understanding_motion_part(self.ckpt_dir, self.manifest)
-        self.require(part, "motion tokenization")
-        return self._cached(("motion_tok", part), lambda: checkpoint.load_motion_tokenizer(self.ckpt_dir, part=part))
+        self.require("motion_tokenizer", "motion tokenization")
+        self.require("language_model_sft", "video understanding")
+        return self._cached("motion_tok_sft", lambda: checkpoint.load_motion_tokenizer(self.ckpt_dir, sft=True))
 
     def video_sampling(self, **overrides) -> video_sampling.VideoSampling:
         """The video detokenizer's sampling settings (the release's, stored at conversion) with ``overrides``."""
