@@ -1,8 +1,7 @@
 """A tiny Video-LaVIT with the shapes of the parity fixtures (``shared/fixtures/video/tiny`` for the motion
 tokenizer, motion condition encoder and video detokenizer; ``configs/tiny.py``'s keyframe tokenizer), for the
-tests' tiny release (``tests/video_release_fixture.py``) and the documented commands.
-
-    python tools/convert_torch_weights.py --src RELEASED_DIR --out OUT_DIR --config configs/video_tiny.py
+tests' tiny release (``tests/video_release_fixture.py``) and the documented commands: the converter's
+``--config configs/video_tiny.py`` for such a release.
 """
 
 from configs import tiny, video_lavit

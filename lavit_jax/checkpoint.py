@@ -12,6 +12,18 @@ Layout of a converted directory (``tools/convert_torch_weights.py`` writes it; `
     OUT/safety_checker/{params/, config.json[, preprocessor_config.json]}   optional (the release's
                         pixel_decoding/safety_checker + feature_extractor): diffusers' StableDiffusionSafetyChecker
 
+A Video-LaVIT checkpoint (``"model": "video_lavit"`` in the manifest; ``convert/video_release.py`` writes it)
+has ``visual_tokenizer/``, ``language_model/`` and ``highres_pixel_decoding/`` (its keyframe decoder, from the
+release's ``image_detokenizer/``) as above, and::
+
+    OUT/language_model_sft/{params/, visual_weight/, motion_tokenizer/, config.json, text_tokenizer.json, ...}
+                        the understanding LLM, its tokenizer weights (laid over visual_tokenizer/ for
+                        understanding) and its own motion tokenizer (when its shards hold one)
+    OUT/motion_tokenizer/params/        the motion VQ tokenizer (its config in the manifest entry)
+    OUT/video_detokenizer/{unet/, motion_encoder/, vae/, unet_config.json, vae_config.json}
+                        3D UNet, motion condition encoder, temporal VAE; the manifest entry holds the motion
+                        encoder config, the scheduler config and the release's sampling settings
+
 Repeated layers are stored stacked (the scanned layout, ``"layers": "stacked"`` in the manifest); a
 model built with ``scan_layers=False`` gets them unstacked at load time.
 

@@ -1,14 +1,18 @@
 """The Video-LaVIT commands of ``python -m lavit_jax`` (on a checkpoint converted from the Video-LaVIT release).
 
-    python -m lavit_jax video-qa VIDEO QUESTION --checkpoint DIR [--max-clips N] [--max-new-tokens N]
-                                [--sample] [--top-p P] [--temperature T] [--keep argmax|sample] [--seed S]
-    python -m lavit_jax video-caption VIDEO --checkpoint DIR [same options] [--prompt TEXT]
-    python -m lavit_jax text2video PROMPT --out FILE.mp4|FILE.gif --checkpoint DIR [--width W] [--height H]
-                                [--keyframe-width W] [--keyframe-height H] [--steps N] [--keyframe-steps N]
-                                [--llm-guidance G] [--motion-guidance G] [--top-k K] [--seed S] [--ids-out F.npz]
-                                [--num-clips N] [--inverse-rate R]
-    python -m lavit_jax image2video IMAGE [PROMPT] --out FILE.mp4|FILE.gif --checkpoint DIR [--greedy] [...]
-    python -m lavit_jax reconstruct-video VIDEO --out FILE.mp4|FILE.gif --checkpoint DIR [--max-clips N] [...]
+Usage, after ``python -m lavit_jax`` (README.md's Video-LaVIT section runs each of them on a tiny checkpoint):
+
+    video-qa VIDEO QUESTION --checkpoint DIR [--max-clips N] [--max-new-tokens N] [--min-new-tokens N]
+             [--sample] [--top-p P] [--temperature T] [--keep argmax|sample] [--seed S]
+    video-caption VIDEO --checkpoint DIR [same options] [--prompt TEXT]
+    text2video PROMPT --out OUT.mp4 --checkpoint DIR [--width W] [--height H] [--keyframe-width W]
+             [--keyframe-height H] [--steps N] [--keyframe-steps N] [--keyframe-guidance G] [--llm-guidance G]
+             [--motion-guidance G] [--top-k K] [--top-p P] [--greedy] [--num-clips N] [--inverse-rate R]
+             [--seed S] [--ids-out F.npz] [--overwrite]
+    image2video IMAGE [PROMPT] --out OUT.gif --checkpoint DIR [--width W] [--height H] [--steps N] [--greedy]
+             [--motion-guidance G] [--top-k K] [--top-p P] [--keep argmax|sample] [--seed S] [--ids-out F.npz]
+    reconstruct-video VIDEO --out OUT.mp4 --checkpoint DIR [--width W] [--height H] [--steps N] [--max-clips N]
+             [--seed S] [--ids-out F.npz]
 
 Videos are read with PyAV (any container/codec its FFmpeg decodes) and re-encoded to MPEG-4 Part 2 at
 6 fps for the motion vectors, as the release does. Outputs are written by extension (``.mp4``: PyAV;

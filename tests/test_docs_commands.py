@@ -7,7 +7,8 @@ name must exist). README's ``python`` blocks run too. Each command falls in one 
 
 - run: runs on CPU here, as written, in a sandbox directory laid out so that the documented relative paths
   exist: ``configs/ tools/ lavit_jax/ bench/ train.py eval.py`` link to the repository, ``ckpt/lavit7b`` and
-  ``out/tiny_converted`` are a tiny converted checkpoint (tests/released_fixture.py), ``cat.jpg`` and
+  ``out/tiny_converted`` are a tiny converted checkpoint (tests/released_fixture.py), ``ckpt/video_lavit`` a
+  tiny converted Video-LaVIT (tests/video_release_fixture.py) with ``clip.mp4`` its fixture video, ``cat.jpg`` and
   ``dog.png`` tiny images. Placeholders are replaced by real tiny things: IMAGE -> cat.jpg, QUESTION and
   PROMPT -> a short text, FILE.png -> a new file name, DIR and CONVERTED_DIR -> ckpt/lavit7b, IMAGES -> a
   folder of two images. ``python -m lavit_jax`` commands run in-process (compiled code shared), the others
@@ -44,9 +45,11 @@ from lavit_jax import __main__ as cli
 from lavit_jax import demo
 from tests.conftest import REPO
 from tests.released_fixture import build_released
+from tests.video_release_fixture import VIDEO_SET, build_video_release
 from tools import convert_torch_weights as conv
 
 TINY = str(REPO / "configs" / "tiny.py")
+VIDEO_TINY = str(REPO / "configs" / "video_tiny.py")
 PREFIXES = ("python ", "python3", "PYTHONPATH=", "make ", ".venv/bin/")
 PLACEHOLDERS = {"IMAGE": "cat.jpg", "QUESTION": "what is in the image?", "PROMPT": "a duck made of wool",
                 "DIR": "ckpt/lavit7b", "CONVERTED_DIR": "ckpt/lavit7b", "IMAGES": "images"}
@@ -137,6 +140,8 @@ NEEDS_7B = {
     "python -m lavit_jax caption cat.jpg --checkpoint rain1011/LaVIT-7B-v2 [--revision REV]",
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16",
     "python tools/convert_torch_weights.py --src /path/to/LaVIT-7B-v2 --out ckpt/lavit7b --dtype bf16 --verify",
+    "python tools/convert_torch_weights.py --src /path/to/Video-LaVIT-v1 --out ckpt/video_lavit "
+    "--config configs/video_lavit.py --dtype bf16",
     "python eval.py --config configs/lavit_7b.py --checkpoint out/tokenizer_stage1 --data_dir /data/val",
     "python train.py --config configs/lavit_7b.py:tokenizer --config.train.data_dir=/data/images "
     "--config.train.init_from=CONVERTED_DIR",
@@ -182,6 +187,12 @@ def sandbox(tmp_path_factory):
         rc = conv.main(["--src", str(rel.root), "--out", str(sb / "ckpt" / "lavit7b"), "--config", TINY,
                         "--dtype", "f32"])
     assert rc == 0, out.getvalue()
+    vrel = build_video_release(base / "video_released")  # README's Video-LaVIT commands
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        rc = conv.main(["--src", str(vrel.root), "--out", str(sb / "ckpt" / "video_lavit"), "--config", VIDEO_TINY,
+                        "--dtype", "f32"])
+    assert rc == 0, out.getvalue()
+    shutil.copyfile(VIDEO_SET / "video.mp4", sb / "clip.mp4")
     (sb / "out").mkdir()
     os.symlink(sb / "ckpt" / "lavit7b", sb / "out" / "tiny_converted")
     y, x = np.mgrid[0:64, 0:64] / 64

@@ -53,7 +53,7 @@ def env(tmp_path_factory):
     base = tmp_path_factory.mktemp("video_e2e")
     rel = build_video_release(base / "released")
     before = _tree_hash(rel.root)
-    rc, log = _convert(rel.root, base / "out")
+    rc, log = _convert(rel.root, base / "out", "--verify")
     assert rc == 0, log
     assert _tree_hash(rel.root) == before  # the source is only read
     import sentencepiece as spm
@@ -75,6 +75,10 @@ def run_cli(argv, capsys):
 
 @pytest.mark.parity
 def test_converted_video_parts_equal_the_release_files(env):
+    for name in ("language_model_sft", "video_detokenizer/unet", "video_detokenizer/vae", "motion_tokenizer",
+                 "highres_pixel_decoding/unet"):  # --verify against transformers / diffusers / direct loads
+        assert f"verify {name}" in env["log"], env["log"]
+    assert "FAIL" not in env["log"]
     manifest = checkpoint.read_manifest(str(env["out"]))
     assert manifest["model"] == "video_lavit"
     assert {"visual_tokenizer", "language_model", "language_model_sft", "motion_tokenizer", "video_detokenizer",

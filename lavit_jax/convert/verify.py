@@ -5,7 +5,10 @@
 - pixel_decoding / highres_pixel_decoding: ``diffusers`` UNet (noise prediction on random latents, context,
   timestep and, for SDXL, pooled embeds + time ids) and VAE (decode of random latents);
 - visual_tokenizer: converted params vs a direct load of the released files (no PyTorch module exists
-  outside the reference repository).
+  outside the reference repository);
+- Video-LaVIT: language_model_sft as language_model; video_detokenizer: the 3D UNet against diffusers'
+  ``UNetSpatioTemporalConditionModel`` (plain conditioning, same weights), the temporal VAE against
+  ``AutoencoderKLTemporalDecoder``, the motion tokenizer and condition encoder params against a direct load.
 
 Both sides run in float32. Prints ``verify <part>/<module>: max abs diff A, rel R (tol T) ok|FAIL`` and
 returns False when any relative difference (max |a - b| / max |b|) exceeds the tolerance: 1e-4 for a
@@ -46,24 +49,82 @@ def _report(name, ours, ref, tol, log) -> bool:
     return ok
 
 
-def verify_language_model(src, out, tol, log, rng) -> bool:
+def verify_language_model(src, out, tol, log, rng, folder: str = "language_model") -> bool:
     import torch
     import transformers
 
-    cfg = checkpoint.read_llama_config(os.path.join(out, "language_model", "config.json"))
-    params = _f32(checkpoint.load_tree(os.path.join(out, "language_model", "params")))
+    cfg = checkpoint.read_llama_config(os.path.join(out, folder, "config.json"))
+    params = _f32(checkpoint.load_tree(os.path.join(out, folder, "params")))
     ids = rng.integers(0, cfg.vocab_size, size=(2, 12))
     logits, _ = llama.LlamaForCausalLM(cfg).apply({"params": params}, jnp.asarray(ids, jnp.int32))
     del params
-    ref_model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(src, "language_model"),
-                                                              dtype=torch.float32).eval()
+    # (Video-LaVIT's SFT shards also hold its tokenizers: transformers skips those keys, as the release's class
+    # reads them into its own submodules)
+    ref_model = transformers.LlamaForCausalLM.from_pretrained(os.path.join(src, folder), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = ref_model(torch.tensor(ids)).logits.numpy()
     del ref_model
-    return _report("language_model", logits, ref, tol, log)
+    return _report(folder, logits, ref, tol, log)
 
 
-def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
+def verify_video_detokenizer(src, out, tol, log, rng) -> bool:
+    """The converted 3D UNet (in diffusers' plain SVD conditioning, which shares its weights) against diffusers'
+    ``UNetSpatioTemporalConditionModel`` loaded strictly from ``video_3d_unet.bin``'s ``unet.*``, the temporal VAE's
+    decode against diffusers' ``AutoencoderKLTemporalDecoder``, and the motion tokenizer / condition encoder
+    params against a direct load of the release files (their PyTorch modules live only in the reference repo)."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKLTemporalDecoder as TorchVAE
+    from diffusers import UNetSpatioTemporalConditionModel as TorchUNet
+
+    from lavit_jax.convert import torch_io
+    from lavit_jax.convert import video_detokenizer as convert_video
+    from lavit_jax.inference import video_sampling
+    from lavit_jax.models import video_unet
+
+    root = os.path.join(out, checkpoint.VIDEO_DETOKENIZER)
+    with open(os.path.join(root, "unet_config.json")) as f:
+        ucfg_dict = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    ucfg = video_unet.video_unet_config(ucfg_dict, motion_conditioning=False)
+    params = _f32(checkpoint.load_tree(os.path.join(root, "unet")))
+    f, hw = 3, 2 ** (len(ucfg.block_out_channels) - 1) * 2
+    x = rng.standard_normal((1, f, hw, hw, ucfg.in_channels)).astype(np.float32)
+    ctx = rng.standard_normal((1, 1, ucfg.cross_attention_dim[0])).astype(np.float32)
+    ids = np.array([[6.0, 127.0, 0.02]], np.float32)
+    t = np.float32(0.25 * np.log(20.0))
+    ours = video_unet.UNetSpatioTemporalConditionModel(ucfg, attention_impl="xla").apply(
+        {"params": params}, jnp.asarray(x), t, jnp.asarray(ctx), jnp.asarray(ids))
+    del params
+    sd = torch_io.strip_prefix(torch_io.load_torch_file(os.path.join(src, convert_video.VIDEO_3D_UNET_FILE)),
+                               convert_video.UNET_PREFIX)
+    ref_unet = TorchUNet(**ucfg_dict).eval()
+    ref_unet.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in sd.items()}, strict=True)
+    with torch.no_grad():
+        ref = ref_unet(torch.tensor(np.moveaxis(x, -1, 2)), torch.tensor(t), encoder_hidden_states=torch.tensor(ctx),
+                       added_time_ids=torch.tensor(ids)).sample.numpy()
+    del ref_unet, sd
+    ok = _report("video_detokenizer/unet", ours, np.moveaxis(ref, 2, -1), tol, log)
+    det = checkpoint.load_video_detokenizer(out, unet_dtype=jnp.float32)
+    z = rng.standard_normal((f, 4, 4, det.vae.config.latent_channels)).astype(np.float32)
+    frames, _ = video_sampling.jit_decode(det, jnp.asarray(z[None]), decode_chunk=f)
+    ref_vae = TorchVAE.from_pretrained(os.path.join(src, convert_video.DETOKENIZER_DIR, "vae"),
+                                       torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        img = ref_vae.decode(torch.tensor(z.transpose(0, 3, 1, 2)) / ref_vae.config.scaling_factor,
+                             num_frames=f).sample.numpy().transpose(0, 2, 3, 1)
+    ok &= _report("video_detokenizer/vae", np.asarray(frames)[0], img, TOLERANCE["float32"], log)
+    mt = convert_video.load_motion_tokenizer(src, det.motion_tokenizer.config)
+    _, me = convert_video.load_video_3d_unet(src, video_unet.video_unet_config(ucfg_dict), det.motion_encoder.config)
+    for name, ours_p, ref_p in (("motion_tokenizer (params)", det.motion_tokenizer_params, mt),
+                                ("video_detokenizer/motion_encoder (params)", det.motion_encoder_params, me)):
+        a = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(ours_p)])
+        b = np.concatenate([np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(ref_p)])
+        ok &= _report(name, a, b, TOLERANCE["float32"], log)
+    return ok
+
+
+def verify_pixel_decoding(src, out, tol, log, rng, folder, source=None) -> bool:
     import torch
     from diffusers import AutoencoderKL as TorchVAE
     from diffusers import UNet2DConditionModel as TorchUNet
@@ -85,7 +146,7 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
     ours = UNet2DConditionModel(cfg, attention_impl="xla").apply({"params": params}, x, t, ctx, None, text_embeds,
                                                                   time_ids)
     del params
-    ref_unet = TorchUNet.from_pretrained(os.path.join(src, folder, "unet"), torch_dtype=torch.float32).eval()
+    ref_unet = TorchUNet.from_pretrained(os.path.join(src, source or folder, "unet"), torch_dtype=torch.float32).eval()
     kw = {}
     if text_embeds is not None:
         kw["added_cond_kwargs"] = {"text_embeds": torch.tensor(text_embeds), "time_ids": torch.tensor(time_ids)}
@@ -99,7 +160,7 @@ def verify_pixel_decoding(src, out, tol, log, rng, folder) -> bool:
     z = rng.standard_normal((1, 4, 4, vcfg.latent_channels)).astype(np.float32)
     vparams = _f32(checkpoint.load_tree(os.path.join(root, "vae")))
     ours = decode_to_images(AutoencoderKL(vcfg), vparams, jnp.asarray(z))
-    ref_vae = TorchVAE.from_pretrained(os.path.join(src, folder, "vae"), torch_dtype=torch.float32).eval()
+    ref_vae = TorchVAE.from_pretrained(os.path.join(src, source or folder, "vae"), torch_dtype=torch.float32).eval()
     with torch.no_grad():
         img = ref_vae.decode(torch.tensor(z.transpose(0, 3, 1, 2)) / ref_vae.config.scaling_factor).sample
     ref = (img / 2 + 0.5).clamp(0, 1).numpy().transpose(0, 2, 3, 1)
@@ -146,10 +207,13 @@ def verify(src: str, out: str, manifest: dict, *, tolerance: float | None = None
     rng = np.random.default_rng(seed)
     ok = True
     for part in manifest.get("parts", {}):
-        if part == "language_model":
-            ok &= verify_language_model(src, out, tol, log, rng)
+        if part in ("language_model", checkpoint.SFT_LANGUAGE_MODEL):
+            ok &= verify_language_model(src, out, tol, log, rng, part)
+        elif part == checkpoint.VIDEO_DETOKENIZER:
+            ok &= verify_video_detokenizer(src, out, tol, log, rng)
         elif part in ("pixel_decoding", "highres_pixel_decoding"):
-            ok &= verify_pixel_decoding(src, out, tol, log, rng, part)
+            video = manifest.get("model") == "video_lavit" and part == "highres_pixel_decoding"
+            ok &= verify_pixel_decoding(src, out, tol, log, rng, part, "image_detokenizer" if video else None)
         elif part == "visual_tokenizer":
             ok &= verify_visual_tokenizer(src, out, tol, log, rng)
         elif part == checkpoint.SAFETY_CHECKER:
