@@ -19,7 +19,9 @@
 Converting reads PyTorch files, so the first load of a repo needs torch (``requirements-test.txt``);
 loading an already converted repo does not import it. The visual tokenizer's head counts are not in
 the weights: they come from ``config`` (a config file or ``get_config()`` result; default the
-release's ``configs/lavit_7b.py`` of this source tree).
+release's ``configs/lavit_7b.py`` of this source tree; ``configs/video_lavit.py`` for
+``VideoLaVIT.from_pretrained`` and the video commands, whose release also has ``language_model_sft/``,
+``image_detokenizer/``, ``video_detokenizer/``, ``motion_tokenizer.bin`` and ``video_3d_unet.bin``).
 """
 
 from __future__ import annotations
@@ -32,11 +34,16 @@ from lavit_jax import checkpoint
 from lavit_jax.fsutil import cache_home
 
 # The folders of the released layout that the converter reads (``convert/converter.py`` PARTS).
-RELEASE_PATTERNS = ("visual_tokenizer/*", "language_model/*", "pixel_decoding/*", "highres_pixel_decoding/*")
+RELEASE_PATTERNS = ("visual_tokenizer/*", "language_model/*", "pixel_decoding/*", "highres_pixel_decoding/*",
+                    # Video-LaVIT's (``convert/video_release.py``)
+                    "language_model_sft/*", "image_detokenizer/*", "video_detokenizer/*", "motion_tokenizer.bin",
+                    "video_3d_unet.bin")
 CONVERSION_DTYPES = ("bfloat16", "float32")
 DEFAULT_CONVERSION_DTYPE = "bfloat16"  # the release's precision
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-_RELEASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lavit_7b.py")
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+_RELEASE_CONFIG = os.path.join(_CONFIGS, "lavit_7b.py")
+VIDEO_RELEASE_CONFIG = os.path.join(_CONFIGS, "video_lavit.py")  # VideoLaVIT.from_pretrained's default
 
 
 def is_repo_id(name) -> bool:
@@ -58,8 +65,11 @@ def _tokenizer_config(config):
     if isinstance(config, str | os.PathLike):
         from lavit_jax.convert.converter import load_config_file
 
-        return load_config_file(os.fspath(config)).tokenizer, os.fspath(config)
-    return (config.tokenizer if "tokenizer" in config else config), "the given config"
+        full = load_config_file(os.fspath(config))
+        return full.tokenizer, os.fspath(config), full
+    if "tokenizer" in config:
+        return config.tokenizer, "the given config", config
+    return config, "the given config", None
 
 
 def download(repo_id: str, revision: str | None = None) -> str:
@@ -98,7 +108,7 @@ def resolve(name, *, revision: str | None = None, conversion_dtype: str = DEFAUL
     out = converted_dir(name, commit, conversion_dtype)
     if os.path.isfile(os.path.join(out, checkpoint.MANIFEST)):  # the converter renames complete outputs into place
         return out
-    tokenizer_config, config_name = _tokenizer_config(config)
+    tokenizer_config, config_name, full_config = _tokenizer_config(config)
     if importlib.util.find_spec("torch") is None:
         raise ImportError(f"converting {name} needs torch (pip install -r requirements-test.txt); or convert it "
                           "elsewhere with tools/convert_torch_weights.py and pass the directory")
@@ -107,7 +117,8 @@ def resolve(name, *, revision: str | None = None, conversion_dtype: str = DEFAUL
     log(f"converting {name}@{commit[:12]} ({conversion_dtype}) into {out}")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
-        converter.convert(snapshot, out, tokenizer_config, dtype=conversion_dtype, log=log, config_name=config_name)
+        converter.convert(snapshot, out, tokenizer_config, dtype=conversion_dtype, log=log, config_name=config_name,
+                          video_config=full_config)
     except FileExistsError:
         if not os.path.isfile(os.path.join(out, checkpoint.MANIFEST)):  # not another process's finished copy
             raise

@@ -28,7 +28,7 @@ import os
 
 import numpy as np
 
-from lavit_jax import checkpoint, fsutil
+from lavit_jax import checkpoint, fsutil, hub
 from lavit_jax.data import video_io
 from lavit_jax.data.image_io import load_image
 from lavit_jax.inference import video_llm_tasks as vlt
@@ -154,6 +154,8 @@ def check_inputs(args, check_writable, resolve_checkpoint) -> dict:
             if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
                 raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
             check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+    if args.config is None and args.checkpoint and hub.is_repo_id(args.checkpoint):
+        args.config = hub.VIDEO_RELEASE_CONFIG  # the Video-LaVIT release's conversion config
     args.checkpoint = resolve_checkpoint(args)
     manifest = checkpoint.read_manifest(args.checkpoint)
     if manifest.get("model", "lavit") != "video_lavit":
@@ -161,10 +163,13 @@ def check_inputs(args, check_writable, resolve_checkpoint) -> dict:
                          f"{args.command} needs one converted from the Video-LaVIT release")
     if getattr(args, "out", None) is not None:
         factor = checkpoint.video_size_factor(args.checkpoint)
+        keyframe_factor = None
+        if args.command == "text2video" and "highres" in checkpoint.available_decoders(args.checkpoint):
+            keyframe_factor = checkpoint.decoder_geometry(args.checkpoint, "highres")[1]
         for flag in ("width", "height", "keyframe_width", "keyframe_height"):
             v = getattr(args, flag, None)
-            f = factor if not flag.startswith("keyframe") else 8
-            if v is not None and v % f:
+            f = keyframe_factor if flag.startswith("keyframe") else factor
+            if v is not None and f and v % f:
                 raise ValueError(f"--{flag.replace('_', '-')} {v} is not a multiple of {f}")
     if getattr(args, "video", None) is not None:
         found["clips"] = video_io.load_video_clips(args.video, max_clips=getattr(args, "max_clips", None)

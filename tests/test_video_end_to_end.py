@@ -298,3 +298,31 @@ def test_video_cli_errors(env, tmp_path, capsys):
     video_io.write_video(short, np.zeros((1, 32, 32, 3), np.uint8), 6)
     assert "short.mp4" in err(["video-qa", short, "what?", "--checkpoint", env["out"]])
     assert vlt.MOTION_TOKENS == 135
+
+
+def test_hub_repo_id_of_a_video_release_converts_once(env, tmp_path, monkeypatch, capsys):
+    """A Video-LaVIT repo in an offline Hugging Face cache: downloaded parts include the video ones, converted once
+    with the video config, then read from the cache; the CLI's video commands take the repo id too."""
+    import huggingface_hub.constants as hf_constants
+
+    from lavit_jax import hub
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf" / "hub" / "models--fake--Video-LaVIT-tiny"
+    shutil.copytree(env["rel"].root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("LAVIT_CACHE", str(tmp_path / "lavit-cache"))
+    model = VideoLaVIT.from_pretrained("fake/Video-LaVIT-tiny", config=CONFIG, conversion_dtype="float32",
+                                       compilation_cache=False)
+    expected = hub.converted_dir("fake/Video-LaVIT-tiny", commit, "float32")
+    assert model.ckpt_dir == expected and "converting fake/Video-LaVIT-tiny" in capsys.readouterr().err
+    assert sorted(model.parts) == sorted(checkpoint.read_manifest(str(env["out"]))["parts"])
+    out = run_cli(["video-qa", VIDEO, "what?", "--checkpoint", "fake/Video-LaVIT-tiny", "--config", CONFIG,
+                   "--dtype", "float32", "--keep", "argmax", "--max-new-tokens", 9, "--no-progress"], capsys)
+    want = env["model"].answer(VIDEO, "what?", keep="argmax", max_new_tokens=9)
+    assert out.strip() == want
+    with pytest.raises(ValueError, match="configs/video_lavit.py"):  # the image release's config lacks the video parts
+        hub.resolve("fake/Video-LaVIT-tiny", conversion_dtype="bfloat16", config=str(REPO / "configs" / "tiny.py"))

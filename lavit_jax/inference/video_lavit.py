@@ -27,6 +27,7 @@ Outputs are uint8 frames [F, H, W, 3] (``data.video_io.write_video`` writes them
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from lavit_jax import checkpoint, vocab
+from lavit_jax import checkpoint, hub, vocab
 from lavit_jax.checkpoint import CheckpointPartError
 from lavit_jax.compile_cache import cached_jit
 from lavit_jax.data import video_io
@@ -77,6 +78,14 @@ class VideoLaVIT(LaVIT):
     """
 
     image_suppress_ranges = vlt.KEYFRAME_SUPPRESS
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, *, config=None, **kw) -> VideoLaVIT:
+        """As ``LaVIT.from_pretrained``: a converted directory, or a hub repo id (``"rain1011/Video-LaVIT-v1"``)
+        converted once with ``config`` (default ``configs/video_lavit.py``)."""
+        if config is None and hub.is_repo_id(os.fspath(ckpt_dir)):
+            config = hub.VIDEO_RELEASE_CONFIG
+        return super().from_pretrained(ckpt_dir, config=config, **kw)
 
     def __init__(self, ckpt_dir: str, manifest: dict, **kw):
         if manifest.get("model", "lavit") != "video_lavit":
