@@ -130,7 +130,7 @@ def test_converted_video_detokenizer_samples_as_the_release_loader(env):
 
 def _release_copy(env, tmp_path, parts):
     src = tmp_path / "src"
-    src.mkdir()
+    src.mkdir(parents=True)
     for p in parts:
         s = env["rel"].root / p
         (shutil.copytree if s.is_dir() else shutil.copyfile)(s, src / p)
@@ -158,6 +158,20 @@ def test_conversion_errors_name_the_file_and_field(env, tmp_path, capsys):
                    "    c.motion_tokenizer.width = 40\n    return c\n")
     rc, log = _convert(src, tmp_path / "out3", "--config", str(bad))
     assert rc == 2 and "motion_tokenizer.width" in log and "motion_tokenizer.bin" in log, log
+    # language_model_sft/ with both in-shard tokenizer keys and a visual_weight.bin: the in-shard keys win;
+    # in-shard keys without the projector: an error naming the folder
+    src2 = _release_copy(env, tmp_path / "b", ["visual_tokenizer", "language_model_sft"])
+    torch.save({}, src2 / "language_model_sft" / "visual_weight.bin")
+    rc, log = _convert(src2, tmp_path / "out5")
+    assert rc == 0, log
+    assert checkpoint.part_entry(str(tmp_path / "out5"), "language_model_sft")["visual_weight"]
+    index = json.loads((src2 / "language_model_sft" / "pytorch_model.bin.index.json").read_text())
+    shard = src2 / "language_model_sft" / index["weight_map"]["model.visual_tokenizer.vit_proj.weight"]
+    sd = torch.load(shard, weights_only=True)
+    del sd["model.visual_tokenizer.vit_proj.weight"], sd["model.visual_tokenizer.vit_proj.bias"]
+    torch.save(sd, shard)
+    rc, log = _convert(src2, tmp_path / "out6")
+    assert rc == 2 and "vit_proj" in log and "language_model_sft" in log, log
     # the image model's config has no video sections
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):

@@ -143,7 +143,7 @@ def convert_visual_tokenizer(src: str, out: str, tokenizer_config, dtype: str, l
 
 
 def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log, folder: str = "language_model",
-                           ignore_prefixes=()) -> dict:
+                           ignore_prefixes=(), read_visual_weight: bool = True) -> dict:
     """language_model/ (or ``folder``) -> OUT/<folder>/{params/, visual_weight/, config.json, tokenizer.model,
     text_tokenizer.json}.
 
@@ -166,7 +166,7 @@ def convert_language_model(src: str, out: str, tokenizer_config, dtype: str, log
     save_fast_tokenizer(lm_src, os.path.join(lm_out, FAST_FILE))  # read without transformers at run time
     entry = {"config": as_dict(cfg), "shards": [os.path.basename(f) for f in files], "visual_weight": False}
     vw = os.path.join(lm_src, "visual_weight.bin")
-    if os.path.isfile(vw):
+    if read_visual_weight and os.path.isfile(vw):
         save_tree(os.path.join(lm_out, "visual_weight"),
                              convert_tokenizer.load_visual_weight(vw, tokenizer_config, dtype))
         entry["visual_weight"] = True

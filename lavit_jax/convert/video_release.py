@@ -181,11 +181,15 @@ def convert_language_model_sft(src: str, out: str, tokenizer_config, dtype: str,
     (``visual_weight/``) and motion tokenizer (``motion_tokenizer/``) when its shards hold them."""
     from lavit_jax.convert import converter
 
-    entry = converter.convert_language_model(src, out, tokenizer_config, dtype, log, folder=SFT_DIR,
-                                             ignore_prefixes=(SFT_VISUAL_PREFIX, SFT_MOTION_PREFIX))
     lm_src, lm_out = os.path.join(src, SFT_DIR), os.path.join(out, SFT_DIR)
     files = convert_llama.hf_shard_files(lm_src)
-    visual = _prefixed(files, SFT_VISUAL_PREFIX)
+    visual = _prefixed(files, SFT_VISUAL_PREFIX)  # preferred over a visual_weight.bin beside them
+    if visual and "vit_proj.weight" not in visual:
+        raise ValueError(f"{lm_src}: its {SFT_VISUAL_PREFIX}* keys have no vit_proj.weight (the understanding "
+                         "projector)")
+    entry = converter.convert_language_model(src, out, tokenizer_config, dtype, log, folder=SFT_DIR,
+                                             ignore_prefixes=(SFT_VISUAL_PREFIX, SFT_MOTION_PREFIX),
+                                             read_visual_weight=not visual)
     if visual:
         tree = convert_tokenizer.visual_weight_from_state_dict(visual, tokenizer_config, dtype,
                                                                source=f"{lm_src} ({SFT_VISUAL_PREFIX}*)")
