@@ -353,14 +353,20 @@ def token_prompt_ids(rows):
     order, as the release's ``multimodal_synthesis`` concatenates them. Left-padded with 2 (mask 0) to
     ``length_bucket`` of the longest row, so prompt lengths share compiled programs.
     """
-    seqs = [np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in row] + [np.array([IMG_START])])
-            for row in rows]
-    width = length_bucket(max(len(s) for s in seqs))
-    ids = np.full((len(seqs), width), PAD_ID, np.int32)
+    return left_pad_rows([np.concatenate([np.asarray(p, np.int64).reshape(-1) for p in row] + [np.array([IMG_START])])
+                          for row in rows])
+
+
+def left_pad_rows(seqs, pad=PAD_ID) -> tuple[np.ndarray, np.ndarray]:
+    """1-D id sequences -> (ids [B, T], mask [B, T]) int32, left-padded with ``pad`` (mask 0) to
+    ``length_bucket`` of the longest (at least 1), so prompt lengths share compiled programs."""
+    width = length_bucket(max(max((len(s) for s in seqs), default=1), 1))
+    ids = np.full((len(seqs), width), pad, np.int32)
     mask = np.zeros((len(seqs), width), np.int32)
     for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
+        if len(s):
+            ids[i, width - len(s):] = s
+            mask[i, width - len(s):] = 1
     return ids, mask
 
 

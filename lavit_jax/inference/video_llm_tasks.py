@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lavit_jax.compile_cache import cached_jit
-from lavit_jax.inference.generation import GenerationConfig, embed_ids, generate, length_bucket
-from lavit_jax.inference.llm_tasks import assemble
+from lavit_jax.inference.generation import GenerationConfig, embed_ids, generate
+from lavit_jax.inference.llm_tasks import assemble, left_pad_rows
 from lavit_jax.vocab import (
     BOS_ID,
     IMG_END,
@@ -112,18 +112,7 @@ def chat_ids(tokenizer, questions) -> tuple[np.ndarray, np.ndarray, np.ndarray, 
     rows = [chat_chunks(q) for q in questions]
     before = [[BOS_ID] + tokenizer.encode(b) for b, _ in rows]
     after = [tokenizer.encode(a) for _, a in rows]
-    return (*_left_pad(before), *_left_pad(after))
-
-
-def _left_pad(seqs, pad=PAD_ID):
-    width = length_bucket(max(max((len(s) for s in seqs), default=1), 1))
-    ids = np.full((len(seqs), width), pad, np.int32)
-    mask = np.zeros((len(seqs), width), np.int32)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s):] = s
-            mask[i, width - len(s):] = 1
-    return ids, mask
+    return (*left_pad_rows(before), *left_pad_rows(after))
 
 
 @cached_jit(static_argnames=("model",))
@@ -209,7 +198,7 @@ def motion_generation_config(*, guidance_scale=GENERATION.motion_guidance, do_sa
 
 def prompt_rows_ids(rows, start_id: int) -> tuple[np.ndarray, np.ndarray]:
     """Token rows (1-D id sequences) + ``start_id`` -> (ids [B, T], mask [B, T]) left-padded with 2."""
-    return _left_pad([list(np.asarray(r, np.int64).reshape(-1)) + [start_id] for r in rows])
+    return left_pad_rows([list(np.asarray(r, np.int64).reshape(-1)) + [start_id] for r in rows])
 
 
 def _generate_after(model, params, rows, start_id: int, cfg: GenerationConfig, rng):
