@@ -303,6 +303,17 @@ def _check_writable(path: str, flag: str, overwrite: bool, inputs) -> None:
         raise PermissionError(f"{flag} {path}: cannot write in {parent} ({e.strerror})") from e
 
 
+def _check_ids_out(args, suffix: str, inputs) -> None:
+    """``--ids-out`` (when given): a ``suffix`` file, not ``--out``, writable as ``_check_writable`` says."""
+    if not args.ids_out:
+        return
+    if not args.ids_out.endswith(suffix):
+        raise ValueError(f"--ids-out {args.ids_out}: use a {suffix} file name")
+    if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
+        raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
+    _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+
+
 def _decoder_geometry(ckpt: str, manifest: dict, decoder: str | None) -> tuple[str, int, int] | None:
     """(decoder the task will use, its native side, its image-size factor: VAE x UNet downsampling), None if not
     converted."""
@@ -394,12 +405,7 @@ def _check_inputs(args) -> None:
             raise ValueError("--tile needs --num-images 2 or more")
         for path in output_paths(args.out, getattr(args, "num_images", None), getattr(args, "tile", False)):
             _check_writable(path, "--out", args.overwrite, inputs)
-        if args.ids_out:
-            if not args.ids_out.endswith(".npy"):
-                raise ValueError(f"--ids-out {args.ids_out}: use a .npy file name")
-            if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
-                raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
-            _check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+        _check_ids_out(args, ".npy", inputs)
     # the last check: a repo id is downloaded and converted here (once; later runs read the cache)
     args.checkpoint = _resolve_checkpoint(args)
     manifest = checkpoint.read_manifest(args.checkpoint)
@@ -449,7 +455,7 @@ def _resolve_checkpoint(args) -> str:
 def run_video(args) -> None:
     from lavit_jax.inference.video_lavit import VideoLaVIT
 
-    found = video_cli.check_inputs(args, _check_writable, _resolve_checkpoint)
+    found = video_cli.check_inputs(args, _check_writable, _check_ids_out, _resolve_checkpoint)
     model = VideoLaVIT.from_pretrained(args.checkpoint, dtype=args.dtype,
                                        llm_weights="int8" if args.int8 else "float", verbose=args.verbose)
     video_cli.run(args, model, found, progress=not args.no_progress)

@@ -365,7 +365,6 @@ def load_video_detokenizer(ckpt_dir: str, *, unet_dtype=None, attention_impl: st
     motion condition encoder in float32, the 3D UNet in ``unet_dtype`` (default: stored), the temporal VAE in
     float32."""
     from lavit_jax.inference import video_sampling
-    from lavit_jax.models import motion_encoder as me_lib
     from lavit_jax.models import vae_temporal, video_unet
     from lavit_jax.models.motion_encoder import MOTION_ENCODER_STACKS
 
@@ -379,22 +378,16 @@ def load_video_detokenizer(ckpt_dir: str, *, unet_dtype=None, attention_impl: st
                                 "video UNet config")
     vae_cfg = load_json_config(os.path.join(root, "vae_config.json"), "config.json", vae_temporal.temporal_vae_config,
                                "temporal VAE config")
-    sched = video_sampling.svd_scheduler_config(entry["scheduler_config"])
     mt_model, mt_params = load_motion_tokenizer(ckpt_dir)
     me_params = scan.relayout(load_tree(os.path.join(root, "motion_encoder")), MOTION_ENCODER_STACKS,
                               me_cfg.scan_layers)
-    return video_sampling.VideoDetokenizer(
-        motion_tokenizer_params=mt_params,
-        motion_encoder_params=to_device(me_params),
+    return video_sampling.build_video_detokenizer(
+        motion_tokenizer_config=mt_model.config, motion_encoder_config=me_cfg, unet_config=unet_cfg,
+        vae_config=vae_cfg, scheduler_config=video_sampling.svd_scheduler_config(entry["scheduler_config"]),
+        motion_tokenizer_params=mt_params, motion_encoder_params=to_device(me_params),
         unet_params=load_tree(os.path.join(root, "unet"), dtype=unet_dtype),
-        vae_params=load_tree(os.path.join(root, "vae"), dtype=jnp.float32),
-        motion_tokenizer=mt_model,
-        motion_encoder=me_lib.MotionConditionEncoder(me_cfg),
-        unet=video_unet.UNetSpatioTemporalConditionModel(unet_cfg, dtype=unet_dtype, param_dtype=unet_dtype,
-                                                         attention_impl=attention_impl),
-        vae=vae_temporal.AutoencoderKLTemporalDecoder(vae_cfg),
-        scheduler_config=sched,
-    )
+        vae_params=load_tree(os.path.join(root, "vae"), dtype=jnp.float32), unet_dtype=unet_dtype,
+        attention_impl=attention_impl)
 
 
 # ------------------------------------------------------------------------------------------ writing

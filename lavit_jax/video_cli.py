@@ -125,8 +125,9 @@ def _given(args, *names) -> dict:
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 
-def check_inputs(args, check_writable, resolve_checkpoint) -> dict:
-    """Every check that needs no weights; reads the input video's clips (returned under 'clips')."""
+def check_inputs(args, check_writable, check_ids_out, resolve_checkpoint) -> dict:
+    """Every check that needs no weights; reads the input video's clips (returned under 'clips'). The CLI's own
+    output checks (``check_writable``, ``check_ids_out``) and checkpoint resolution are passed in."""
     found = {}
     if getattr(args, "question", None) is not None and not args.question.strip():
         raise ValueError("empty question")
@@ -148,12 +149,7 @@ def check_inputs(args, check_writable, resolve_checkpoint) -> dict:
         if ext not in video_io.VIDEO_EXTENSIONS:
             raise ValueError(f"output file {args.out}: use a video extension ({', '.join(video_io.VIDEO_EXTENSIONS)})")
         check_writable(args.out, "--out", args.overwrite, inputs)
-        if args.ids_out:
-            if not args.ids_out.endswith(".npz"):
-                raise ValueError(f"--ids-out {args.ids_out}: use a .npz file name")
-            if os.path.abspath(args.ids_out) == os.path.abspath(args.out):
-                raise ValueError(f"--ids-out {args.ids_out} is the same file as --out")
-            check_writable(args.ids_out, "--ids-out", args.overwrite, inputs)
+        check_ids_out(args, ".npz", inputs)
     if args.config is None and args.checkpoint and hub.is_repo_id(args.checkpoint):
         args.config = hub.VIDEO_RELEASE_CONFIG  # the Video-LaVIT release's conversion config
     args.checkpoint = resolve_checkpoint(args)

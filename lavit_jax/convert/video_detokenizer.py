@@ -28,11 +28,10 @@ from lavit_jax.convert import torch_io
 from lavit_jax.convert.diffusers import diffusers_path, load_diffusers_state_dict
 from lavit_jax.convert.motion_tokenizer import load_motion_tokenizer
 from lavit_jax.convert.motion_tokenizer import torch_key_to_flax as motion_key_to_flax
-from lavit_jax.inference.video_sampling import VideoDetokenizer, svd_scheduler_config
+from lavit_jax.inference.video_sampling import VideoDetokenizer, build_video_detokenizer, svd_scheduler_config
 from lavit_jax.models import motion_encoder as me_lib
 from lavit_jax.models import vae_temporal as vae_lib
 from lavit_jax.models import video_unet as unet_lib
-from lavit_jax.models.motion_tokenizer import MotionTokenizer
 from lavit_jax.ops import scan
 from lavit_jax.ops.config import freeze
 
@@ -173,16 +172,9 @@ def load_video_detokenizer(root, motion_tokenizer_config, motion_encoder_config,
     sched_cfg = read_svd_scheduler_config(os.path.join(det_dir, "scheduler"))
     unet_params, me_params = load_video_3d_unet(root, unet_cfg, me_cfg)
     mt_params = load_motion_tokenizer(root, mt_cfg)
-    unet_dtype = jnp.dtype(unet_dtype)
-    return VideoDetokenizer(
-        motion_tokenizer_params=checkpoint.to_device(mt_params),
+    return build_video_detokenizer(
+        motion_tokenizer_config=mt_cfg, motion_encoder_config=me_cfg, unet_config=unet_cfg, vae_config=vae_cfg,
+        scheduler_config=sched_cfg, motion_tokenizer_params=checkpoint.to_device(mt_params),
         motion_encoder_params=checkpoint.to_device(me_params),
-        unet_params=checkpoint.to_device(unet_params, unet_dtype),
-        vae_params=checkpoint.to_device(vae_params),
-        motion_tokenizer=MotionTokenizer(mt_cfg),
-        motion_encoder=me_lib.MotionConditionEncoder(me_cfg),
-        unet=unet_lib.UNetSpatioTemporalConditionModel(unet_cfg, dtype=unet_dtype, param_dtype=unet_dtype,
-                                                       attention_impl=attention_impl),
-        vae=vae_lib.AutoencoderKLTemporalDecoder(vae_cfg),
-        scheduler_config=sched_cfg,
-    )
+        unet_params=checkpoint.to_device(unet_params, jnp.dtype(unet_dtype)),
+        vae_params=checkpoint.to_device(vae_params), unet_dtype=unet_dtype, attention_impl=attention_impl)

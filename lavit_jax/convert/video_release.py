@@ -158,20 +158,21 @@ def convert_video_detokenizer(src: str, out: str, tokenizer_config, dtype: str, 
 
 
 def _cast_floats(tree, dtype: str):
+    import jax
     import jax.numpy as jnp
 
     np_dtype = np.dtype(jnp.dtype(dtype))
-    return {k: _cast_floats(v, dtype) if isinstance(v, dict) else np.asarray(v).astype(np_dtype)
-            for k, v in tree.items()}
+    return jax.tree.map(lambda a: np.asarray(a).astype(np_dtype), tree)
 
 
-def _prefixed(files, prefix: str) -> dict[str, np.ndarray]:
-    """{key without ``prefix``: array} of the shards' tensors under ``prefix`` (one tensor read at a time)."""
-    out = {}
+def _prefixed(files, prefixes) -> list[dict[str, np.ndarray]]:
+    """For each prefix, {key without it: array} of the shards' tensors under it (one pass, a tensor at a time)."""
+    out = [{} for _ in prefixes]
     for path in files:
         for key, value in torch_io.iter_tensors(path):
-            if key.startswith(prefix):
-                out[key[len(prefix):]] = np.asarray(value)
+            for found, prefix in zip(out, prefixes, strict=True):
+                if key.startswith(prefix):
+                    found[key[len(prefix):]] = np.asarray(value)
     return out
 
 
@@ -183,7 +184,8 @@ def convert_language_model_sft(src: str, out: str, tokenizer_config, dtype: str,
 
     lm_src, lm_out = os.path.join(src, SFT_DIR), os.path.join(out, SFT_DIR)
     files = convert_llama.hf_shard_files(lm_src)
-    visual = _prefixed(files, SFT_VISUAL_PREFIX)  # preferred over a visual_weight.bin beside them
+    # the release's tokenizers in the SFT shards; its visual one is preferred over a visual_weight.bin beside them
+    visual, motion = _prefixed(files, (SFT_VISUAL_PREFIX, SFT_MOTION_PREFIX))
     if visual and "vit_proj.weight" not in visual:
         raise ValueError(f"{lm_src}: its {SFT_VISUAL_PREFIX}* keys have no vit_proj.weight (the understanding "
                          "projector)")
@@ -199,7 +201,6 @@ def convert_language_model_sft(src: str, out: str, tokenizer_config, dtype: str,
         raise ValueError(f"{lm_src}: neither {SFT_VISUAL_PREFIX}* keys in its shards nor a visual_weight.bin: the "
                          "understanding projector (vit_proj) is missing")
     del visual
-    motion = _prefixed(files, SFT_MOTION_PREFIX)
     entry["motion_tokenizer"] = bool(motion)
     if motion:
         mt_cfg, _, _ = video_configs(config, config_name)

@@ -28,6 +28,7 @@ that the results are bit-identical to it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -117,6 +118,17 @@ def _open(source, name: str, **kwargs):
         raise UnreadableVideoError(f"not a readable video: {name} ({type(e).__name__}: {e})") from e
 
 
+@contextlib.contextmanager
+def _decoding(container, name: str):
+    """Closes ``container`` at the end; a decode failure becomes an ``UnreadableVideoError`` naming ``name``."""
+    try:
+        yield
+    except av.FFmpegError as e:
+        raise UnreadableVideoError(f"cannot decode video {name} ({type(e).__name__}: {e})") from e
+    finally:
+        container.close()
+
+
 def _video_stream(container, name: str):
     if not container.streams.video:
         container.close()
@@ -201,7 +213,7 @@ def read_motion_vectors(source, name: str | None = None) -> DecodedVideo:
     mvs: list[np.ndarray | None] = []
     keyframes: dict[int, np.ndarray] = {}
     width = height = 0
-    try:
+    with _decoding(container, name):
         stream = _video_stream(container, name)
         stream.codec_context.options = {"flags2": "+export_mvs"}
         for i, frame in enumerate(container.decode(stream)):
@@ -212,10 +224,6 @@ def read_motion_vectors(source, name: str | None = None) -> DecodedVideo:
             mvs.append(side.to_ndarray() if side is not None else None)
             if kind == "I":
                 keyframes[i] = frame.to_ndarray(format="rgb24")
-    except av.FFmpegError as e:
-        raise UnreadableVideoError(f"cannot decode video {name} ({type(e).__name__}: {e})") from e
-    finally:
-        container.close()
     if not types:
         raise UnreadableVideoError(f"no decodable video frames in {name}")
     return DecodedVideo(types, mvs, width, height, keyframes)
@@ -379,14 +387,10 @@ def read_video_frames(path) -> np.ndarray:
             raise UnreadableVideoError(f"cannot decode GIF {name} ({type(e).__name__}: {e})") from e
     else:
         container = _open(os.fspath(path) if isinstance(path, str | os.PathLike) else path, name)
-        try:
+        with _decoding(container, name):
             stream = _video_stream(container, name)
             stream.thread_type = "AUTO"
             frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        except av.FFmpegError as e:
-            raise UnreadableVideoError(f"cannot decode video {name} ({type(e).__name__}: {e})") from e
-        finally:
-            container.close()
     if not frames:
         raise UnreadableVideoError(f"no decodable video frames in {name}")
     return np.stack(frames)

@@ -195,6 +195,23 @@ class VideoDetokenizer:
         return height // self.vae_scale_factor, width // self.vae_scale_factor
 
 
+def build_video_detokenizer(*, motion_tokenizer_config, motion_encoder_config, unet_config, vae_config,
+                            scheduler_config, motion_tokenizer_params, motion_encoder_params, unet_params, vae_params,
+                            unet_dtype=jnp.float32, attention_impl: str | None = "auto") -> VideoDetokenizer:
+    """The modules for the configs around the given params (on device): the 3D UNet computes in ``unet_dtype``."""
+    unet_dtype = jnp.dtype(unet_dtype)
+    return VideoDetokenizer(
+        motion_tokenizer_params=motion_tokenizer_params, motion_encoder_params=motion_encoder_params,
+        unet_params=unet_params, vae_params=vae_params,
+        motion_tokenizer=MotionTokenizer(motion_tokenizer_config),
+        motion_encoder=MotionConditionEncoder(motion_encoder_config),
+        unet=UNetSpatioTemporalConditionModel(unet_config, dtype=unet_dtype, param_dtype=unet_dtype,
+                                              attention_impl=attention_impl),
+        vae=AutoencoderKLTemporalDecoder(vae_config),
+        scheduler_config=scheduler_config,
+    )
+
+
 @struct.dataclass
 class VideoCondition:
     """UNet inputs shared by every step, for [uncond; cond] (2B rows, negatives first).
