@@ -97,3 +97,18 @@ def left_padded_ids(rng: np.random.RandomState, lengths, total, low=3, high=3200
 
 def hf_positions(mask):
     return torch.tensor(np.where(mask > 0, np.cumsum(mask, -1) - 1, 0))
+
+
+def train_tokenizer(directory, lines, vocab_size: int = 400, *, llama_normalization: bool = False,
+                    repeat: int = 20) -> str:
+    """A small BPE sentencepiece model at DIRECTORY/tokenizer.model (LLaMA's special ids, byte fallback) trained
+    on ``lines`` x ``repeat``; ``llama_normalization``: identity normalisation, whitespace kept, as LLaMA's model.
+    Returns the model path."""
+    import sentencepiece as spm
+
+    extra = dict(normalization_rule_name="identity", remove_extra_whitespaces=False) if llama_normalization else {}
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(lines) * repeat), model_prefix=os.path.join(os.fspath(directory), "tokenizer"),
+        vocab_size=vocab_size, model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True,
+        character_coverage=1.0, minloglevel=2, **extra)
+    return os.path.join(os.fspath(directory), "tokenizer.model")

@@ -14,7 +14,6 @@ import pathlib
 import shutil
 from dataclasses import dataclass
 
-import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import EulerDiscreteScheduler, PNDMScheduler
@@ -55,10 +54,7 @@ def build_released(root: pathlib.Path) -> Released:
     with torch.no_grad():  # favour ids of the small text vocabulary so captions decode to real words
         hf.get_output_embeddings().weight[259:400] *= 3.0  # whole-word pieces (3..258 are byte pieces)
     fx.save_hf(hf, lm, safetensors=False)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(TEXT_LINES * 20), model_prefix=str(lm / "tokenizer"), vocab_size=400, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2,
-    )
+    fx.train_tokenizer(lm, TEXT_LINES)
     (lm / "tokenizer.vocab").unlink()
     enc = torch.load(VT / "tokenizer_encoder.bin", map_location="cpu", weights_only=True)
     gen = torch.Generator().manual_seed(11)
@@ -87,3 +83,18 @@ def build_released(root: pathlib.Path) -> Released:
 
 def load_state_dict(path) -> dict:
     return weights.load_torch_file(path)
+
+
+def offline_hub_repo(release_root, repo_id: str, commit: str, tmp_path, monkeypatch) -> str:
+    """A Hugging Face cache under ``tmp_path`` holding ``release_root`` as ``repo_id`` (main -> ``commit``), used
+    offline, with the lavit-jax cache there too. Returns ``commit``."""
+    import huggingface_hub.constants as hf_constants
+
+    repo = tmp_path / "hf" / "hub" / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(release_root, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("LAVIT_CACHE", str(tmp_path / "lavit-cache"))
+    return commit

@@ -33,7 +33,7 @@ from lavit_jax.inference.lavit import CheckpointPartError, LaVIT
 from lavit_jax.models.token_decoder import TokenDecoder
 from tests import tokenizer_fixture as tfx
 from tests.conftest import REPO
-from tests.released_fixture import LLM_VOCAB, build_released
+from tests.released_fixture import LLM_VOCAB, build_released, offline_hub_repo
 from tests.test_diffusion import GUIDANCE, STEPS, torch_reference
 from tests.test_llm_tasks import _reference_understanding
 from tools import convert_torch_weights as conv
@@ -438,17 +438,8 @@ def test_low_memory_frees_the_llm_and_verbose_times_parts(env, capsys):
 @pytest.fixture()
 def fake_hub(env, tmp_path, monkeypatch):
     """A Hugging Face cache holding the tiny release as repo ``fake/LaVIT-tiny`` (main -> COMMIT), offline."""
-    import huggingface_hub.constants as hf_constants
-
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hf" / "hub" / "models--fake--LaVIT-tiny"
-    shutil.copytree(env["rel"].root, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("LAVIT_CACHE", str(tmp_path / "lavit-cache"))
-    return commit
+    return offline_hub_repo(env["rel"].root, "fake/LaVIT-tiny", "0123456789abcdef0123456789abcdef01234567",
+                            tmp_path, monkeypatch)
 
 
 def test_hub_repo_id_converts_once_into_the_cache_and_loads(env, fake_hub, capsys):

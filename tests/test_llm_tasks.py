@@ -23,10 +23,7 @@ LINES = [
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(LINES * 20), model_prefix=str(d / "tokenizer"), vocab_size=400, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2,
-    )
+    fx.train_tokenizer(d, LINES)
     return load_text_tokenizer(d), spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
 
 

@@ -23,6 +23,7 @@ from lavit_jax.inference import video_llm_tasks as vlt
 from lavit_jax.inference import video_sampling
 from lavit_jax.inference.video_lavit import VideoLaVIT
 from tests.conftest import REPO
+from tests.released_fixture import offline_hub_repo
 from tests.test_video_llm_tasks import SlowLlama, release_video_embeds
 from tests.video_release_fixture import VIDEO_SET, build_video_release
 from tools import convert_torch_weights as conv
@@ -317,18 +318,10 @@ def test_video_cli_errors(env, tmp_path, capsys):
 def test_hub_repo_id_of_a_video_release_converts_once(env, tmp_path, monkeypatch, capsys):
     """A Video-LaVIT repo in an offline Hugging Face cache: downloaded parts include the video ones, converted once
     with the video config, then read from the cache; the CLI's video commands take the repo id too."""
-    import huggingface_hub.constants as hf_constants
-
     from lavit_jax import hub
 
-    commit = "89abcdef0123456789abcdef0123456789abcdef"
-    repo = tmp_path / "hf" / "hub" / "models--fake--Video-LaVIT-tiny"
-    shutil.copytree(env["rel"].root, repo / "snapshots" / commit)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(commit)
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setenv("LAVIT_CACHE", str(tmp_path / "lavit-cache"))
+    commit = offline_hub_repo(env["rel"].root, "fake/Video-LaVIT-tiny", "89abcdef0123456789abcdef0123456789abcdef",
+                              tmp_path, monkeypatch)
     model = VideoLaVIT.from_pretrained("fake/Video-LaVIT-tiny", config=CONFIG, conversion_dtype="float32",
                                        compilation_cache=False)
     expected = hub.converted_dir("fake/Video-LaVIT-tiny", commit, "float32")

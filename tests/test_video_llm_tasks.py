@@ -49,11 +49,7 @@ class SlowLlama:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     d = tmp_path_factory.mktemp("vtok")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(LINES * 20), model_prefix=str(d / "tokenizer"), vocab_size=300, model_type="bpe",
-        bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0, minloglevel=2,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,  # as LLaMA's tokenizer.model
-    )
+    fx.train_tokenizer(d, LINES, 300, llama_normalization=True)
     # The release's LlamaTokenizer(use_fast=False) (legacy): BOS + sentencepiece's own encoding of each chunk.
     slow = SlowLlama(spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model")))
     fast_dir = tmp_path_factory.mktemp("vtok_fast")

@@ -19,7 +19,6 @@ import pathlib
 import shutil
 from dataclasses import dataclass
 
-import sentencepiece as spm
 import torch
 from diffusers import AutoencoderKL as TorchVAE
 from diffusers import EulerDiscreteScheduler
@@ -72,11 +71,7 @@ def _save_sft_shards(hf, directory: pathlib.Path, extra: dict) -> None:
 
 
 def _tokenizer_model(directory: pathlib.Path) -> None:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(VIDEO_LINES * 20), model_prefix=str(directory / "tokenizer"), vocab_size=400,
-        model_type="bpe", bos_id=1, eos_id=2, unk_id=0, pad_id=-1, byte_fallback=True, character_coverage=1.0,
-        minloglevel=2, normalization_rule_name="identity", remove_extra_whitespaces=False,
-    )
+    fx.train_tokenizer(directory, VIDEO_LINES, llama_normalization=True)
     (directory / "tokenizer.vocab").unlink()
 
 
