@@ -8,11 +8,12 @@ export PYTHONPATH := $(CURDIR)
 
 .PHONY: demo test lint bench env clean
 
-$(STAMP): requirements.txt requirements-test.txt
+$(STAMP): requirements.txt requirements-test.txt requirements-reference.txt
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) on PATH (or make PY=python3)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements-test.txt
+	$(VENV)/bin/python -m pip install -q --no-deps --upgrade --target $(VENV)/reference -r requirements-reference.txt
 	touch $(STAMP)
 
 env: $(STAMP)

@@ -3,7 +3,8 @@ protocols on local files.
 
     python eval.py --config configs/tiny.py --checkpoint DIR --data_dir IMAGES [--limit N]
     eval.py --task TASK --checkpoint DIR --data DATA --out OUT.json [--workdir W] [--shard_size 64]
-            [--batch_size 8] [--limit N] [--max_shards K] [--overwrite] [--clip CLIP_DIR] [--seed 0]
+            [--batch_size 8] [--limit N] [--max_shards K] [--overwrite] [--clip CLIP_DIR]
+            [--inception INCEPTION.pth] [--seed 0]
             [--keep sample|argmax] [--devices N]
 
 ``--task tokenizer``: DIR is a converted checkpoint (``lavit.json``, from tools/convert_torch_weights.py) or a
@@ -18,7 +19,10 @@ Benchmark tasks (DIR: a converted checkpoint; DATA laid out as ``lavit_jax/eval/
 ``coco_caption`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; needs java), ``vqav2`` / ``okvqa`` (VQA
 accuracy, official answer normalisation), ``gqa`` (exact match), ``vizwiz`` (accuracy, unanswerable average
 precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a transformers CLIP
-folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files). The items are cut into shards of
+folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files), ``t2i_fid`` (FID of the generated
+images against the reference images, on the pool3 features of the FID Inception-v3; ``--inception`` names its
+weight file: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's
+``weights-inception-2015-12-05-6726825d.pth``, or the same keys as ``.safetensors``). The items are cut into shards of
 ``--shard_size``; each finished shard's predictions are written atomically to ``--workdir`` (default
 ``OUT.work/``; generated images in its ``images/``), and a rerun of the same command continues from the finished
 shards (``--max_shards K`` stops after K new shards). Understanding batches run over all devices (batch over the
@@ -77,6 +81,7 @@ def define_flags():
     flags.DEFINE_integer("devices", None, "Benchmark tasks: batch over the first N devices (default: all).",
                          lower_bound=1)
     flags.DEFINE_string("clip", None, "t2i_clip_score: a transformers CLIP folder (read locally).")
+    flags.DEFINE_string("inception", None, "t2i_fid: the FID Inception-v3 weight file (.pth or .safetensors).")
     flags.DEFINE_enum("keep_mode", "argmax", KEEP_MODES, "--task tokenizer: tokenizer keep decisions.")
     flags.DEFINE_enum("keep", defaults.KEEP, ["sample", "argmax"], "Benchmark tasks: keep decisions (sample: the "
                       "release's seeded hard Gumbel draw per batch; argmax: deterministic, batch-independent).")
@@ -184,7 +189,7 @@ def _json_default(x):
     return x.item() if hasattr(x, "item") else str(x)
 
 
-def benchmark_args(task, ckpt, data, out, workdir=None, overwrite=False, clip=None, limit=None):
+def benchmark_args(task, ckpt, data, out, workdir=None, overwrite=False, clip=None, limit=None, inception=None):
     """Checks every argument of a benchmark task before any model work; returns (dataset, workdir)."""
     protocols.check_task(task)
     if not out:
@@ -207,8 +212,11 @@ def benchmark_args(task, ckpt, data, out, workdir=None, overwrite=False, clip=No
         if not os.path.isfile(os.path.join(clip, "config.json")):
             raise FileNotFoundError(f"--clip {clip}: no config.json (expected a transformers CLIP folder)")
     if task == "t2i_fid":
-        raise NotImplementedError("--task t2i_fid: the Inception feature network is not built yet (the data layout "
-                                  "and the FID maths are: lavit_jax/eval/protocols.py, lavit_jax/eval/fid.py)")
+        if not inception:
+            raise ValueError("--inception is required for --task t2i_fid (the FID Inception-v3 weight file, e.g. "
+                             "pt_inception-2015-12-05-6726825d.pth)")
+        if not os.path.isfile(inception):
+            raise FileNotFoundError(f"--inception {inception}: no such file (expected the FID Inception-v3 weights)")
     dataset = protocols.load_dataset(task, data, limit)
     if not dataset.items:
         raise ValueError(f"--data {data}: no items for --task {task}")
@@ -287,8 +295,10 @@ class Predictor:
         return out
 
     def _text2image(self, chunk, padded):
-        """Images of the prompts (saved as WORKDIR/images/ID.png) -> their CLIP similarities (100 cos) to the
-        prompts. A batch is drawn from ``seed`` (shards and their batches are fixed, so a rerun draws the same)."""
+        """Images of the prompts, saved as WORKDIR/images/ID.png -> t2i_fid: their file names (the features are
+        taken from the saved files once every shard is done); t2i_clip_score: their CLIP similarities (100 cos) to
+        the prompts. A batch is drawn from ``seed`` (shards and their batches are fixed, so a rerun draws the
+        same)."""
         from lavit_jax.eval.fid import clip_similarities
         from lavit_jax.fsutil import atomic_write
         from lavit_jax.inference.safety_checker import clip_preprocess
@@ -299,8 +309,11 @@ class Predictor:
                                        seed=self.seed, size=g["size"])[:len(chunk)]
         folder = os.path.join(self.workdir, "images")
         os.makedirs(folder, exist_ok=True)
-        for it, im in zip(chunk, images, strict=True):
-            atomic_write(os.path.join(folder, f"{it['id']}.png"), lambda tmp, im=im: im.save(tmp, format="PNG"))
+        names = [f"{it['id']}.png" for it in chunk]
+        for name, im in zip(names, images, strict=True):
+            atomic_write(os.path.join(folder, name), lambda tmp, im=im: im.save(tmp, format="PNG"))
+        if self.task == "t2i_fid":
+            return names
         cfg = self.clip_model.config
         pixels = clip_preprocess(np.stack([np.asarray(im.convert("RGB"), np.float32) / 255 for im in images]),
                                  cfg.vision.image_size)
@@ -313,8 +326,30 @@ class Predictor:
         return [float(s) for s in clip_similarities(np.asarray(img_f), np.asarray(txt_f))]
 
 
+def fid_features(dataset, workdir, generated, inception, *, batch_size=8, mesh=None):
+    """(generated features [N, 2048], reference features [M, 2048]) of ``t2i_fid``: the saved generated images
+    (``generated``: file names in WORKDIR/images) and the dataset's reference images, through the FID
+    Inception-v3 of the ``inception`` weight file."""
+    from PIL import Image
+
+    from lavit_jax.eval.inception_features import InceptionFeatures
+
+    net = InceptionFeatures(inception, batch_size=batch_size, mesh=mesh)
+
+    def read(path):
+        try:
+            with Image.open(path) as im:
+                return np.asarray(im.convert("RGB"))
+        except OSError as e:
+            raise ValueError(f"{path}: not a readable image ({e})") from None
+
+    gen_paths = [os.path.join(workdir, "images", name) for name in generated]
+    ref_paths = list(dataset.reference_images)
+    return (net([read(p) for p in gen_paths], gen_paths), net([read(p) for p in ref_paths], ref_paths))
+
+
 def run_benchmark(config, task, ckpt, data, out, *, workdir=None, overwrite=False, clip=None, limit=None,
-                  batch_size=8, shard_size=64, max_shards=None, seed=0, steps=defaults.TEXT2IMAGE.steps,
+                  inception=None, batch_size=8, shard_size=64, max_shards=None, seed=0, steps=defaults.TEXT2IMAGE.steps,
                   guidance=defaults.TEXT2IMAGE.guidance, size=None, decoder=None, devices=None, keep=defaults.KEEP,
                   config_file=None, progress=None):
     """Predicts (sharded, resumable) and scores ``task``; writes ``out`` and returns the metrics JSON, or None when
@@ -322,18 +357,23 @@ def run_benchmark(config, task, ckpt, data, out, *, workdir=None, overwrite=Fals
     from lavit_jax.eval import runner
     from lavit_jax.fsutil import atomic_write_json
 
-    dataset, workdir = benchmark_args(task, ckpt, data, out, workdir, overwrite, clip, limit)
+    dataset, workdir = benchmark_args(task, ckpt, data, out, workdir, overwrite, clip, limit, inception)
     pred = Predictor(task, ckpt, batch_size=batch_size, seed=seed, clip=clip, steps=steps, guidance=guidance,
                      size=size, decoder=decoder, workdir=workdir, devices=devices, keep=keep)
     signature = {"task": task, "checkpoint": os.path.abspath(ckpt), "data": os.path.abspath(data),
                  "limit": limit, "shard_size": shard_size, "items": len(dataset.items), "settings": pred.settings(),
-                 "clip": os.path.abspath(clip) if clip else None}
+                 "clip": os.path.abspath(clip) if clip else None,
+                 "inception": os.path.abspath(inception) if inception else None}
     runner.check_workdir(workdir, signature)
     preds = runner.run_shards(dataset.items, shard_size, workdir, pred, max_shards=max_shards, progress=progress,
                               desc=task)
     if preds is None:
         return None
-    metrics = protocols.score(dataset, {it["id"]: p for it, p in zip(dataset.items, preds, strict=True)})
+    features = {}
+    if task == "t2i_fid":
+        gen, ref = fid_features(dataset, workdir, preds, inception, batch_size=pred.batch, mesh=pred.mesh)
+        features = dict(generated_features=gen, reference_features=ref)
+    metrics = protocols.score(dataset, {it["id"]: p for it, p in zip(dataset.items, preds, strict=True)}, **features)
     config_dict = json.loads(json.dumps(config.to_dict(), default=_json_default)) if config is not None else None
     result = {**signature, "config_file": config_file, "config": config_dict, "workdir": os.path.abspath(workdir),
               "metrics": metrics}
@@ -360,7 +400,7 @@ def main(argv):
             check_checkpoint(f.checkpoint)
             result = evaluate(f.config, f.checkpoint, data_dir, limit, f.batch_size, f.keep_mode, f.seed)
         else:
-            kw = dict(workdir=f.workdir, overwrite=f.overwrite, clip=f.clip, limit=f.limit)
+            kw = dict(workdir=f.workdir, overwrite=f.overwrite, clip=f.clip, limit=f.limit, inception=f.inception)
             benchmark_args(f.task, f.checkpoint, f.data, f.out, **kw)  # checked before any weights are read
             result = run_benchmark(f.config, f.task, f.checkpoint, f.data, f.out, batch_size=f.batch_size,
                                    shard_size=f.shard_size, max_shards=f.max_shards, seed=f.seed, steps=f.steps,

@@ -159,7 +159,8 @@ NEEDS_7B = {
           ("coco_caption", "coco_karpathy_test", "", "coco_caption"), ("vqav2", "vqav2_val", "", "vqav2"),
           ("okvqa", "okvqa_val", "", "okvqa"), ("gqa", "gqa_testdev", "", "gqa"),
           ("vizwiz", "vizwiz_val", "", "vizwiz"),
-          ("t2i_clip_score", "coco_val_prompts", "--clip /ckpt/clip-vit-large-patch14 ", "clip_score"))),
+          ("t2i_clip_score", "coco_val_prompts", "--clip /ckpt/clip-vit-large-patch14 ", "clip_score"),
+          ("t2i_fid", "coco_val_30k", "--inception /ckpt/pt_inception-2015-12-05-6726825d.pth ", "fid"))),
 }
 
 

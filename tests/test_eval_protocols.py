@@ -374,3 +374,31 @@ def test_t2i_clip_score_end_to_end(ckpt, tmp_path):
     np.testing.assert_allclose(_shards(tmp_path / "t2i.work"), sims, rtol=1e-4, atol=1e-3)
     assert np.abs(sims).max() > 1  # not a degenerate case
     assert r["metrics"]["clip_score"] == pytest.approx(want, rel=1e-4, abs=1e-3)
+
+
+@pytest.mark.parity
+def test_t2i_fid_end_to_end(ckpt, tmp_path):
+    from tests.fid_reference import random_reference_inception, torchmetrics_fid
+
+    model, inception = random_reference_inception(tmp_path)
+    d = tmp_path / "fid"
+    data = write_coco(d, {5: ["a red square"], 6: ["two blue circles"], 7: ["a green triangle"]}, images=False)
+    (d / "captions.json").write_text(json.dumps(data))
+    (d / "images").mkdir()
+    rng = np.random.default_rng(0)
+    refs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 24), (32, 32), (18, 30))]
+    for i, im in enumerate(refs):
+        Image.fromarray(im).save(d / "images" / f"ref{i}.png")
+    out = tmp_path / "fid.json"
+    with pytest.raises(ValueError, match="--inception is required"):
+        ev.benchmark_args("t2i_fid", str(ckpt), str(d), str(out))
+    with pytest.raises(FileNotFoundError, match="--inception .*nope.pth: no such file"):
+        ev.benchmark_args("t2i_fid", str(ckpt), str(d), str(out), inception=str(tmp_path / "nope.pth"))
+    r = ev.run_benchmark(_config(), "t2i_fid", str(ckpt), str(d), str(out), inception=inception, steps=2, size=16,
+                         batch_size=2, progress=False)
+    assert json.loads(out.read_text()) == r and r["inception"] == inception
+    assert _shards(tmp_path / "fid.work") == ["5.png", "6.png", "7.png"]
+    gen = [np.asarray(Image.open(tmp_path / "fid.work" / "images" / f"{i}.png").convert("RGB")) for i in (5, 6, 7)]
+    assert all(g.shape == (16, 16, 3) for g in gen)
+    want = torchmetrics_fid(model, refs, gen)
+    assert want > 1e-3 and r["metrics"]["fid"] == pytest.approx(want, rel=1e-3)
