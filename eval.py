@@ -21,8 +21,8 @@ Benchmark tasks (DIR: a converted checkpoint; DATA laid out as ``lavit_jax/eval/
 average precision and F1), ``t2i_clip_score`` (CLIP score of the generated images; ``--clip`` names a transformers
 CLIP folder: config.json, model.safetensors or pytorch_model.bin, tokenizer files), ``t2i_fid`` (FID of the
 generated images against the reference images, on the pool3 features of the FID Inception-v3; ``--inception`` names
-its weight file: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's ``weights-
-inception-2015-12-05-6726825d.pth``, or the same keys as ``.safetensors``). The items are cut into shards of
+its weight file: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``, torch-fidelity's
+``weights-inception-2015-12-05-6726825d.pth``, or the same keys as ``.safetensors``). The items are cut into shards of
 ``--shard_size``; each finished shard's predictions are written atomically to ``--workdir`` (default ``OUT.work/``;
 generated images in its ``images/``), and a rerun of the same command continues from the finished shards
 (``--max_shards K`` stops after K new shards). Understanding batches run over all devices (batch over the mesh,
@@ -31,7 +31,8 @@ tokenizer's keep decisions per batch from ``--seed``, so predictions are repeata
 ``--shard_size`` / ``--devices`` (a workdir records them); ``--keep argmax`` does not depend on the batch. The
 metrics JSON (task, checkpoint, data, config, settings, metrics) is written atomically to ``--out``; an existing
 file is kept unless ``--overwrite``. Errors print one line ``error: ...`` (exit status 2), before any weights are
-read; the libraries' INFO logs (Orbax) appear only with ``--verbosity 0``. """
+read; the libraries' INFO logs (Orbax) appear only with ``--verbosity 0``.
+"""
 
 from __future__ import annotations
 
