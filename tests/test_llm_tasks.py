@@ -163,6 +163,32 @@ def test_vqa_matches_reference_pipeline(tiny, tok):
     assert llm_tasks.postprocess_answer(" a dog, sitting. Long answer: x") == "a dog"
 
 
+def test_vqa_compiles_one_program_per_prompt_bucket(tiny, tok):
+    """Questions of new lengths within a length bucket reuse the compiled program; a new bucket compiles one
+    program (input assembly and beam search together), not one per stage."""
+    _, model, params = tiny
+    tokenizer = tok[0]
+    feats, lengths = (jnp.asarray(a) for a in _feats(1))
+    ask = lambda q: llm_tasks.vqa(model, params, tokenizer, feats, lengths, [q, q], max_new_tokens=3)  # noqa: E731
+    n_tokens = lambda q: len(tokenizer.encode(f"Question: {q} Answer:"))  # noqa: E731
+    short, longer = "is it a dog", "what is in the image?"
+    assert n_tokens(short) != n_tokens(longer) and max(n_tokens(short), n_tokens(longer)) <= 16  # one bucket
+    many = "the quick brown fox jumps over the lazy dog"
+    assert 16 < n_tokens(many) <= 32  # the next bucket
+    ask(short)  # compiles the 16-token bucket
+    compiles = []
+    listener = lambda name, *a, **k: compiles.append(name) if "backend_compile" in name else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ask(longer)
+        within = len(compiles)
+        ask(many)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert within == 0
+    assert len(compiles) == 1
+
+
 @pytest.mark.parity
 def test_text_to_image_ids_matches_hf_cfg(tiny, tok):
     hf, model, params = tiny

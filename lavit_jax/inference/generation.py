@@ -408,12 +408,16 @@ def pad_to_bucket(embeds, mask):
     """Left-pads [B, T, C] embeddings and their [B, T] mask to ``length_bucket(T)`` (masked slots).
 
     Left padding is invisible to the model (masked keys, positions counted from the first real token),
-    so prompts of different lengths within a bucket share one compiled program.
+    so prompts of different lengths within a bucket share one compiled program. Host-side for concrete arrays
+    (no program per shape); inside a trace (a caller's jitted program) a pad of that program.
     """
     t = embeds.shape[1]
     extra = length_bucket(t) - t
     if not extra:
         return embeds, mask
+    if isinstance(embeds, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):  # inside a caller's program
+        pad = lambda x: jnp.pad(x, [(0, 0), (extra, 0)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        return pad(embeds), pad(mask)
     return _left_pad_host(embeds, extra), _left_pad_host(mask, extra)
 
 

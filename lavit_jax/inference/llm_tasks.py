@@ -95,6 +95,23 @@ def _understanding_inputs(model, params, feats, lengths, text_ids, text_mask):
     return assemble(segs)
 
 
+@cached_jit(static_argnames=("model", "config"))
+def _understanding_generate(model, config, params, feats, lengths, text_ids, text_mask, rng):
+    """Input assembly and generation in one compiled program per (config, prompt bucket, batch)."""
+    embeds, mask = _understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
+    return generate(model, params, embeds, mask, config, rng=rng)
+
+
+def understanding_generate(model, params, feats, lengths, text_ids, text_mask, config, rng=None):
+    """``generate`` after [IMG] feats[:len] [/IMG] (text): feats [B, N, C], lengths [B], text ids / mask [B, L]
+    (a length bucket) or None. One compiled program (not one for the inputs and one for the search)."""
+    config.validate()
+    if config.do_sample and rng is None:
+        raise ValueError("do_sample=True needs an rng key")
+    return _understanding_generate(model, config, params, feats, np.asarray(lengths, np.int32),
+                                   text_ids, text_mask, rng)
+
+
 def understanding_inputs(model, params, feats, lengths, text_ids=None, text_mask=None):
     """[IMG] feats[:len] [/IMG] (text) -> (embeds [B, N+2(+L), C], mask), left-padded. Jitted."""
     return _understanding_inputs(model, params, jnp.asarray(feats), jnp.asarray(lengths, jnp.int32), text_ids,
@@ -160,14 +177,13 @@ def caption(
     text_ids = text_mask = None
     if prompt:
         prompts = [prompt] * b if isinstance(prompt, str) else list(prompt)
-        text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, prompts))
-    embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
+        text_ids, text_mask = encode_texts(tokenizer, prompts)  # numpy: no device program per shape
     cfg = understanding_config(
         defaults.CAPTION, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, length_penalty=length_penalty, num_return_sequences=num_captions,
         do_sample=do_sample, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg, rng=rng)
+    out = understanding_generate(model, params, feats, lengths, text_ids, text_mask, cfg, rng)
     tokens, n = np.asarray(out.tokens), np.asarray(out.lengths)
     texts, dropped = tokenizer.decode_batch(tokens, n, with_dropped=True)
     texts = [Caption(t.strip().split(".")[0], _empty_caption_note(t, row[:k], d, tokenizer))
@@ -269,14 +285,13 @@ def vqa(
     if isinstance(questions, str):
         questions = [questions]
     texts = [prompt.format(q) for q in questions] if prompt else list(questions)
-    text_ids, text_mask = (jnp.asarray(a) for a in encode_texts(tokenizer, texts))
-    embeds, mask = understanding_inputs(model, params, feats, lengths, text_ids, text_mask)
+    text_ids, text_mask = encode_texts(tokenizer, texts)  # numpy: no device program per shape
     cfg = understanding_config(
         defaults.VQA, tokenizer, model.config.vocab_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens, length_penalty=length_penalty, early_stopping=True, do_sample=do_sample,
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
     )
-    out = generate(model, params, embeds, mask, cfg, rng=rng)
+    out = understanding_generate(model, params, feats, lengths, text_ids, text_mask, cfg, rng)
     answers = [postprocess_answer(t) for t in tokenizer.decode_batch(np.asarray(out.tokens), np.asarray(out.lengths))]
     if not apply_lemmatizer:
         return VqaAnswers([Answer(a, "none") for a in answers], False, "post-processing off")
