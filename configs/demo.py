@@ -82,7 +82,7 @@ def get_config(stage: str | None = None):
         tr.dead_code_threshold = 0.3  # ... at batch features (EMA count: assignments per batch)
     elif tr.stage == "lm":
         tr.workdir = "runs/demo/lm"
-        tr.steps = 200
+        tr.steps = 400
         tr.warmup_steps = 15
         tr.batch_size = 8
         tr.seq_len = 64

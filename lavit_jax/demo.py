@@ -199,7 +199,7 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     out = tokenizer_metrics(stage1_config, stage1_params, pixels)
     model = LaVIT.from_pretrained(model_dir, compilation_cache=False)
     t0 = time.time()
-    caps = model.caption(imgs, min_new_tokens=1, max_new_tokens=8)  # keep: the release's seeded Gumbel sample
+    caps = model.caption(imgs, prompt=shapes.CAPTION_PROMPT, min_new_tokens=1, max_new_tokens=8)  # keep: seeded
     print(f"eval: {len(caps)} captions ({time.time() - t0:.0f}s)", flush=True)
     matches = [shapes.attribute_matches(shapes.parse_caption(c), t) for c, t in zip(caps, truths, strict=True)]
     out["caption_accuracy"] = float(np.mean(matches))
@@ -215,7 +215,7 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     got = [str(a) for a in (got.answers if hasattr(got, "answers") else got)]
     print(f"eval: {len(got)} VQA answers ({time.time() - t0:.0f}s)", flush=True)
     out["vqa_accuracy"] = float(np.mean([(g.split() or [""])[0] == a for g, a in zip(got, answers, strict=True)]))
-    prompts = [shapes.caption(t) for t in truths[:n_prompts]]
+    prompts = [shapes.example_text(t, 0) for t in truths[:n_prompts]]  # as text->image trained on them
     t0 = time.time()
     ids, lengths = text_to_image_ids(model, prompts, dcfg, (size // stage1_config.tokenizer.patch_size) ** 2)
     empty = lengths == 0  # no visual token generated: nothing to decode, every attribute counts as wrong

@@ -51,7 +51,8 @@ def test_source_texts_are_the_caption_and_the_vqa_pairs():
     img, cap = src.read(0)
     attrs = shapes.attributes(shapes.TRAIN_SEEDS[0])
     np.testing.assert_array_equal(img, shapes.render(attrs))
-    words = cap.split()
+    assert cap.startswith(shapes.CAPTION_PROMPT + " ")  # captioning is told apart from VQA by its prompt
+    words = cap[len(shapes.CAPTION_PROMPT):].split()
     assert len(words) == 4 and words[0] == attrs["count"] and words[2] == attrs["colour"]
     assert words[3].startswith(attrs["shape"]) and words[1] == attrs["size"]
     for v in range(1, shapes.TEXTS_PER_SCENE):

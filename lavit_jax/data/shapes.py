@@ -7,8 +7,10 @@ come from disjoint seed ranges: ``TRAIN_SEEDS`` and ``HELDOUT_SEEDS``.
 
 ``train.data_dir`` ``shapes:N`` (``input_pipeline.ShapesSource``) is the Grain source of N training
 examples: example i shows scene ``TRAIN_SEEDS[0] + i // TEXTS_PER_SCENE`` with text ``example_text(attrs,
-i % TEXTS_PER_SCENE)``, the caption (variant 0) or one ``"Question: Q Answer: A"`` pair
-(``defaults.VQA.prompt`` followed by the answer). ``shapes:N@heldout`` reads the held-out scenes.
+i % TEXTS_PER_SCENE)``, the caption after ``CAPTION_PROMPT`` (variant 0: ``"A photo of two small red circles"``)
+or one ``"Question: Q Answer: A"`` pair (``defaults.VQA.prompt`` followed by the answer). The caption prompt tells
+captioning apart from VQA: the demo captions with ``LaVIT.caption(prompt=CAPTION_PROMPT)``.
+``shapes:N@heldout`` reads the held-out scenes.
 
 ``analyse(image)`` is the deterministic analyser of an image [H, W, 3] uint8 (the demo's text-to-image
 metric): colour = nearest palette entry of the mean foreground colour, count = connected components
@@ -29,6 +31,7 @@ ATTRIBUTES = ("count", "size", "colour", "shape")
 QUESTIONS = {"colour": "what color are the shapes?", "shape": "what shape are they?",
              "count": "how many shapes are there?", "size": "what size are the shapes?"}
 VQA_PROMPT = "Question: {} Answer:"  # = inference.defaults.VQA.prompt (the data package does not import inference)
+CAPTION_PROMPT = "A photo of"
 TEXTS_PER_SCENE = 1 + len(QUESTIONS)
 BACKGROUND = 255
 IMAGE_SIZE = 64
@@ -86,9 +89,9 @@ def scene(seed: int, size: int = IMAGE_SIZE) -> tuple[np.ndarray, dict]:
 
 
 def example_text(attrs: dict, variant: int) -> str:
-    """Variant 0: the caption; variant k >= 1: the k-th VQA pair as the model reads it."""
+    """Variant 0: the caption after ``CAPTION_PROMPT``; variant k >= 1: the k-th VQA pair as the model reads it."""
     if variant == 0:
-        return caption(attrs)
+        return f"{CAPTION_PROMPT} {caption(attrs)}"
     q, a = vqa_pairs(attrs)[variant - 1]
     return f"{VQA_PROMPT.format(q)} {a}"
 
