@@ -18,6 +18,9 @@ def demo_config() -> ml_collections.ConfigDict:
     """Settings of the demo driver (``lavit_jax/demo.py``), not of a training stage."""
     c = ml_collections.ConfigDict()
     c.text_vocab = 200  # sentencepiece pieces of the text tokenizer built on the dataset's closed vocabulary
+    c.encoder_steps = 1000  # the EVA encoder is pretrained first (no released EVA-CLIP to load)
+    c.encoder_batch = 32
+    c.encoder_lr = 3e-3
     c.vae_steps = 300  # the frozen VAE of the detokenizer stage is fitted first (no released VAE to load)
     c.vae_batch = 16
     c.vae_lr = 3e-3
@@ -73,7 +76,7 @@ def get_config(stage: str | None = None):
     tr.tensorboard = False
     if tr.stage == "tokenizer":
         tr.workdir = "runs/demo/tokenizer"
-        tr.steps = 400
+        tr.steps = 1200  # the selector separates its keep probabilities (argmax keeps tokens) after ~1000 steps
         tr.target_keep_ratio = 0.5
         tr.quantize_start_step = 100
         tr.kmeans_batches = 2
@@ -92,7 +95,7 @@ def get_config(stage: str | None = None):
         tr.b2 = 0.99
     elif tr.stage == "detokenizer":
         tr.workdir = "runs/demo/detokenizer"
-        tr.steps = 300
+        tr.steps = 1000
         tr.lr = 2e-3
         tr.ema_decay = 0.98
         tr.b2 = 0.99
@@ -105,5 +108,7 @@ def get_config(stage: str | None = None):
                       attention_head_dim=4, norm_num_groups=8)
         d.vae = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
                      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                     norm_num_groups=8, sample_size=32, scaling_factor=1.0)
+                     norm_num_groups=8, sample_size=32,
+                     scaling_factor=1.0)  # the demo sets 1 / latent std after fitting the VAE
+        d.scheduler.prediction_type = "v_prediction"  # clean shapes after 1000 steps (epsilon: noise at 300)
     return config

@@ -3,14 +3,22 @@
 Steps (settings in ``configs/demo.py``; everything under ``--workdir``, default ``runs/demo``):
 
 1. a sentencepiece text tokenizer on the dataset's closed vocabulary (``data/shapes.all_texts``);
-2. stage 1 (``configs/demo.py:tokenizer``) on ``shapes:N`` images, written as a converted checkpoint;
-3. stage 2 (``configs/demo.py:lm``): captions, VQA pairs (image -> text) and captions -> visual ids;
-4. the frozen VAE fitted to the images (there is no released VAE to load), then the detokenizer stage
-   (``configs/demo.py:detokenizer``): UNet + token decoder, EMA weights kept;
-5. the whole model as one converted checkpoint (``WORKDIR/model``, read with ``LaVIT.from_pretrained``),
+2. the EVA encoder pretrained (``pretrain_encoder``: the stand-in for EVA-CLIP, whose weights cannot be
+   loaded here): a linear head on its mean-pooled patch features learns the scene's attribute words. LaVIT
+   freezes a pretrained encoder whose features say what the image shows; a random one would give stage 1 a
+   target whose patch features share a large common component (a cosine of 0.87 to their mean), so
+   reconstructing it measures nothing and its codes carry little;
+3. stage 1 (``configs/demo.py:tokenizer``) on ``shapes:N`` images from that encoder, written as a converted
+   checkpoint;
+4. stage 2 (``configs/demo.py:lm``): captions, VQA pairs (image -> text) and captions -> visual ids;
+5. the frozen VAE fitted to the images (there is no released VAE to load; its latent ``scaling_factor`` set
+   to 1 / latent std, as SD's), then the detokenizer stage (``configs/demo.py:detokenizer``): UNet + token
+   decoder, EMA weights kept;
+6. the whole model as one converted checkpoint (``WORKDIR/model``, read with ``LaVIT.from_pretrained``),
    evaluated on held-out scenes: ``recon_cosine`` and ``codebook_usage`` (stage 1 on held-out images),
    ``caption_accuracy`` (attribute words of the generated caption equal to the scene's, mean over count,
-   size, colour, shape), ``vqa_accuracy`` (answer's first word exact), ``t2i_attribute_accuracy`` (the
+   size, colour, shape; also per attribute), ``vqa_accuracy`` (answer's first word exact; also per asked
+   attribute), ``t2i_attribute_accuracy`` (the
    deterministic analyser ``shapes.analyse`` on images generated from held-out captions, mean over the four
    attributes); ``WORKDIR/report.json``, ``report.md``, ``samples.png`` and ``loss_curves.png``.
 
@@ -42,6 +50,7 @@ from lavit_jax.data import shapes
 from lavit_jax.models import unet as unet_lib
 from lavit_jax.models import vae as vae_lib
 from lavit_jax.models.token_decoder import TokenDecoder
+from lavit_jax.models.tokenizer import DynamicVisualTokenizer
 from lavit_jax.ops.config import freeze
 from lavit_jax.train import checkpoints as ckpt_lib
 from lavit_jax.train import lm as lm_stage
@@ -107,7 +116,76 @@ def build_text_tokenizer(folder: str, vocab_size: int) -> str:
     return os.path.join(folder, "tokenizer.model")
 
 
-# ------------------------------------------------------------------------------------------ VAE fit
+# ------------------------------------------------------------------------------------------ encoder, VAE
+
+
+def _train_scenes(i: int, batch: int, size: int, normalise: bool, patch: int = 0):
+    """Batch i of training scenes: (images [batch, size, size, 3] (CLIP-normalised, or in [-1, 1]), attribute
+    labels [batch, 4], and with ``patch`` > 0 patch labels [batch, (size // patch)^2]: 1 + the colour's index
+    where at least 15% of the patch is foreground, else 0)."""
+    from lavit_jax.data.image_io import preprocess  # noqa: PLC0415
+
+    out, labels, dense = [], [], []
+    for j in range(batch):
+        img, attrs = shapes.scene(shapes.TRAIN_SEEDS[0] + (i * batch + j) % 100_000)
+        img = Image.fromarray(img)
+        out.append(preprocess(img, size)[0] if normalise else
+                   np.asarray(img.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0)
+        labels.append(shapes.attribute_labels(attrs))
+        if patch:
+            fg = shapes.foreground(np.asarray(img.resize((size, size), Image.BICUBIC)))
+            g = size // patch
+            frac = fg[:g * patch, :g * patch].reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
+            dense.append(np.where(frac >= 0.15, 1 + labels[-1][shapes.ATTRIBUTES.index("colour")], 0))
+    out, labels = np.stack(out), np.asarray(labels, np.int32)
+    return (out, labels, np.asarray(dense, np.int32)) if patch else (out, labels)
+
+
+def pretrain_encoder(tok_config, steps: int, batch: int, lr: float, seed: int = 0):
+    """The stand-in for EVA-CLIP's image-text pretraining (no released encoder to load): the tokenizer's EVA
+    encoder, under a linear head on its mean-pooled (standardised) patch features, learns the scene's
+    attribute words (a softmax per attribute), and under a linear head on each patch feature, the colour of
+    the shape it shows or the background (as CLIP-like encoders' patch features are local: without it the
+    pooled objective leaves colour a weak direction of the patch features, which stage 1 then drops).
+    Returns (tokenizer params: random init with this encoder, per-step losses)."""
+    model = DynamicVisualTokenizer(tok_config)
+    s = tok_config.image_size
+    key = jax.random.key(seed)
+    params = meta.unbox(model.init(key, jnp.zeros((1, s, s, 3)), with_llm_features=False)["params"])
+    sizes = [len(shapes.VALUES[a]) for a in shapes.ATTRIBUTES]
+    ends = np.cumsum(sizes)
+    n_dense = 1 + len(shapes.COLOURS)
+    head = {"kernel": jnp.zeros((tok_config.eva_width, int(ends[-1]))), "bias": jnp.zeros((int(ends[-1]),)),
+            "patch_kernel": jnp.zeros((tok_config.eva_width, n_dense)), "patch_bias": jnp.zeros((n_dense,))}
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 10), max(steps, 2)))
+    trained = {"encoder": params["encoder"], "head": head}
+    opt = tx.init(trained)
+
+    @jax.jit
+    def step(trained, opt, x, y, y_patch):
+        def standardise(f):
+            return (f - f.mean(-1, keepdims=True)) / (f.std(-1, keepdims=True) + 1e-6)
+
+        def loss_fn(t):
+            f = model.apply({"params": dict(params, encoder=t["encoder"])}, x, method=DynamicVisualTokenizer.encode)
+            h = t["head"]
+            logits = standardise(f.mean(1)) @ h["kernel"] + h["bias"]
+            parts = jnp.split(logits, ends[:-1], axis=-1)
+            loss = sum(optax.softmax_cross_entropy_with_integer_labels(z, y[:, k]).mean() for k, z in enumerate(parts))
+            dense = standardise(f) @ h["patch_kernel"] + h["patch_bias"]
+            return loss + optax.softmax_cross_entropy_with_integer_labels(dense, y_patch).mean()
+
+        loss, g = jax.value_and_grad(loss_fn)(trained)
+        up, opt = tx.update(g, opt, trained)
+        return optax.apply_updates(trained, up), opt, loss
+
+    losses = []
+    for i in range(steps):
+        trained, opt, loss = step(trained, opt, *_train_scenes(i, batch, s, True, tok_config.patch_size))
+        losses.append(float(loss))
+        if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
+            print(f"encoder: step {i + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
+    return dict(params, encoder=jax.device_get(trained["encoder"])), losses
 
 
 def fit_vae(vae_config, resolution: int, steps: int, batch: int, lr: float, kl_weight: float, seed: int = 0):
@@ -132,21 +210,23 @@ def fit_vae(vae_config, resolution: int, steps: int, batch: int, lr: float, kl_w
         up, opt = tx.update(g, opt, params)
         return optax.apply_updates(params, up), opt, loss
 
-    def images(i):
-        out = []
-        for j in range(batch):
-            img, _ = shapes.scene(shapes.TRAIN_SEEDS[0] + (i * batch + j) % 100_000)
-            img = Image.fromarray(img).resize((resolution, resolution), Image.BICUBIC)
-            out.append(np.asarray(img, np.float32) / 127.5 - 1.0)
-        return np.stack(out)
-
     losses = []
     for i in range(steps):
-        params, opt, loss = step(params, opt, images(i), jax.random.fold_in(key, i))
+        x, _ = _train_scenes(i, batch, resolution, normalise=False)
+        params, opt, loss = step(params, opt, x, jax.random.fold_in(key, i))
         losses.append(float(loss))
         if (i + 1) % max(1, steps // 5) == 0 or i + 1 == steps:
             print(f"vae: step {i + 1}/{steps} loss {losses[-1]:.4f}", flush=True)
     return params, losses
+
+
+def latent_scaling_factor(vae_config, params, resolution: int, batch: int = 64) -> float:
+    """1 / std of the posterior means of a batch of training images: the ``scaling_factor`` that gives the
+    diffusion unit-variance latents (how SD-1.5's 0.18215 was chosen)."""
+    model = vae_lib.AutoencoderKL(vae_config)
+    x, _ = _train_scenes(0, batch, resolution, normalise=False)
+    mean, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, method=vae_lib.AutoencoderKL.encode))(params, x)
+    return float(1.0 / np.std(np.asarray(mean)))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -154,7 +234,9 @@ def fit_vae(vae_config, resolution: int, steps: int, batch: int, lr: float, kl_w
 
 def tokenizer_metrics(config, params, images) -> dict:
     """Stage 1 on images [M, S, S, 3] (CLIP-normalised): mean reconstruction cosine of the EVA features (argmax
-    keep decisions, nearest codes), codebook usage (distinct codes / n_code) and keep ratio."""
+    keep decisions, nearest codes), the cosine a trivial reconstruction gets (every image's features replaced
+    by the per-patch mean over the images: ``mean_feature_cosine``), codebook usage (distinct codes / n_code)
+    and keep ratio."""
     model = tok_stage.Stage1Model(tok_stage.model_config(config))
 
     @jax.jit
@@ -164,12 +246,13 @@ def tokenizer_metrics(config, params, images) -> dict:
         ids = jnp.argmax(out["zn"] @ codebook.T, axis=-1)
         rec = model.apply({"params": p}, codebook[ids], out["keep"], method=tok_stage.Stage1Model.reconstruct)
         cos = 1.0 - tok_stage.cosine_loss(rec, out["target"])
-        return cos, ids, out["keep"]
+        mean = jnp.broadcast_to(out["target"].mean(0, keepdims=True), out["target"].shape)
+        return cos, 1.0 - tok_stage.cosine_loss(mean, out["target"]), ids, out["keep"]
 
-    cos, ids, keep = (np.asarray(v) for v in run(params, jnp.asarray(images)))
+    cos, base, ids, keep = (np.asarray(v) for v in run(params, jnp.asarray(images)))
     used = np.unique(ids[keep > 0.5])
-    return {"recon_cosine": float(cos), "codebook_usage": len(used) / config.tokenizer.n_code,
-            "keep_ratio": float(keep.mean())}
+    return {"recon_cosine": float(cos), "mean_feature_cosine": float(base),
+            "codebook_usage": len(used) / config.tokenizer.n_code, "keep_ratio": float(keep.mean())}
 
 
 def text_to_image_ids(model, prompts, dcfg, max_tokens: int):
@@ -204,6 +287,7 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     matches = [shapes.attribute_matches(shapes.parse_caption(c), t) for c, t in zip(caps, truths, strict=True)]
     out["caption_accuracy"] = float(np.mean(matches))
     out["caption_exact_match"] = float(np.mean([all(m) for m in matches]))
+    out["caption_per_attribute"] = dict(zip(shapes.ATTRIBUTES, np.mean(matches, axis=0).tolist(), strict=True))
     q_imgs, questions, answers = [], [], []
     for im, t in zip(imgs, truths, strict=True):
         for q, a in shapes.vqa_pairs(t):
@@ -214,7 +298,10 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     got = model.vqa(q_imgs, questions, min_new_tokens=1, max_new_tokens=4)
     got = [str(a) for a in (got.answers if hasattr(got, "answers") else got)]
     print(f"eval: {len(got)} VQA answers ({time.time() - t0:.0f}s)", flush=True)
-    out["vqa_accuracy"] = float(np.mean([(g.split() or [""])[0] == a for g, a in zip(got, answers, strict=True)]))
+    right = np.asarray([(g.split() or [""])[0] == a for g, a in zip(got, answers, strict=True)], np.float64)
+    out["vqa_accuracy"] = float(right.mean())
+    asked = list(shapes.QUESTIONS) * len(imgs)  # the attribute each question asks about (vqa_pairs order)
+    out["vqa_per_attribute"] = {a: float(right[[q == a for q in asked]].mean()) for a in shapes.ATTRIBUTES}
     prompts = [shapes.example_text(t, 0) for t in truths[:n_prompts]]  # as text->image trained on them
     t0 = time.time()
     ids, lengths = text_to_image_ids(model, prompts, dcfg, (size // stage1_config.tokenizer.patch_size) ** 2)
@@ -319,12 +406,20 @@ def run(config_path: str, workdir: str, overwrite: bool, scale: float, eval_scen
         t0 = time.time()
         tok_model = build_text_tokenizer(os.path.join(work, "text_tokenizer"), dcfg.text_vocab)
 
-        # ---- stage 1
+        # ---- the encoder, then stage 1
         c1 = stage_config(get_config, "tokenizer", work, scale)
+        tok_cfg = freeze(c1.tokenizer)
+        enc_steps = _scaled(dcfg.encoder_steps, scale)
+        print(f"== encoder pretraining (the EVA-CLIP stand-in), {enc_steps} steps", flush=True)
+        p0, enc_losses = pretrain_encoder(tok_cfg, enc_steps, dcfg.encoder_batch, dcfg.encoder_lr)
+        ck0 = os.path.join(work, "ckpt_encoder")
+        checkpoint.write_checkpoint(ck0, tokenizer_config=tok_cfg, tokenizer=p0)
+        c1.train.init_from = ck0
+        timings["encoder_s"] = time.time() - t0
+        t0 = time.time()
         print(f"== stage 1: visual tokenizer, {c1.train.steps} steps on {c1.train.data_dir}", flush=True)
         state1, hist1 = trainer.train(c1)
         p1 = jax.device_get(state1.params)
-        tok_cfg = freeze(c1.tokenizer)
         dec_model = TokenDecoder(tok_cfg, highres=False)
         n = (tok_cfg.image_size // tok_cfg.patch_size) ** 2
         dec0 = meta.unbox(jax.jit(dec_model.init)(jax.random.key(1), jnp.zeros((1, n, tok_cfg.code_dim)),
@@ -356,6 +451,8 @@ def run(config_path: str, workdir: str, overwrite: bool, scale: float, eval_scen
         print(f"== VAE fit, {_scaled(dcfg.vae_steps, scale)} steps", flush=True)
         vae_params, vae_losses = fit_vae(vae_cfg, int(d.resolution), _scaled(dcfg.vae_steps, scale), dcfg.vae_batch,
                                          dcfg.vae_lr, dcfg.vae_kl_weight)
+        d.vae.scaling_factor = latent_scaling_factor(vae_cfg, vae_params, int(d.resolution))
+        print(f"vae: latent scaling_factor {d.vae.scaling_factor:.4f}", flush=True)
         unet0 = unet_lib.UNet2DConditionModel(unet_cfg)
         f = 2 ** (len(vae_cfg.block_out_channels) - 1)
         lat = jnp.zeros((1, d.resolution // f, d.resolution // f, unet_cfg.in_channels))
@@ -384,7 +481,8 @@ def run(config_path: str, workdir: str, overwrite: bool, scale: float, eval_scen
         print(f"== evaluation on {n_scenes} held-out scenes ({n_prompts} text-to-image prompts)", flush=True)
         metrics, samples = evaluate(model_dir, c1, p1, dcfg, n_scenes, n_prompts)
         timings["eval_s"] = time.time() - t0
-        curves = {"stage 1 loss": [(r["step"], r.get("loss")) for r in hist1],
+        curves = {"encoder loss": list(enumerate(enc_losses, 1)),
+                  "stage 1 loss": [(r["step"], r.get("loss")) for r in hist1],
                   "stage 1 recon cosine": [(r["step"], r.get("rec_cosine")) for r in hist1],
                   "stage 2 loss": [(r["step"], r.get("loss")) for r in hist2],
                   "VAE loss": list(enumerate(vae_losses, 1)),
@@ -393,13 +491,16 @@ def run(config_path: str, workdir: str, overwrite: bool, scale: float, eval_scen
         _save_png(loss_curves(curves), os.path.join(work, "loss_curves.png"))
         report = {k: metrics[k] for k in REPORT_FIELDS}
         report.update(
-            keep_ratio=metrics["keep_ratio"], t2i_per_attribute=metrics["t2i_per_attribute"],
+            mean_feature_cosine=metrics["mean_feature_cosine"], keep_ratio=metrics["keep_ratio"],
+            caption_per_attribute=metrics["caption_per_attribute"],
+            vqa_per_attribute=metrics["vqa_per_attribute"],
+            t2i_per_attribute=metrics["t2i_per_attribute"],
             t2i_no_visual_tokens=metrics["t2i_no_visual_tokens"],
             targets=TARGETS, examples=metrics["examples"], eval_scenes=n_scenes, t2i_prompts=n_prompts,
-            steps={"tokenizer": c1.train.steps, "lm": c2.train.steps, "vae": _scaled(dcfg.vae_steps, scale),
-                   "detokenizer": c3.train.steps},
-            final_loss={"tokenizer": hist1[-1]["loss"], "lm": hist2[-1]["loss"], "vae": vae_losses[-1],
-                        "detokenizer": hist3[-1]["loss"]},
+            steps={"encoder": enc_steps, "tokenizer": c1.train.steps, "lm": c2.train.steps,
+                   "vae": _scaled(dcfg.vae_steps, scale), "detokenizer": c3.train.steps},
+            final_loss={"encoder": enc_losses[-1], "tokenizer": hist1[-1]["loss"], "lm": hist2[-1]["loss"],
+                        "vae": vae_losses[-1], "detokenizer": hist3[-1]["loss"]},
             timings_s={k: round(v, 1) for k, v in timings.items()}, steps_scale=scale,
             devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}", model_dir=os.path.join(workdir, "model"),
             wall_time_s=round(time.time() - t_start, 1))

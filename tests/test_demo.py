@@ -63,6 +63,38 @@ def test_source_texts_are_the_caption_and_the_vqa_pairs():
     assert batch.shape == (2, 28, 28, 3)
 
 
+class _Words:
+    """A stand-in text tokenizer: one id per word (ids of the words seen so far)."""
+
+    def __init__(self):
+        self.ids = {}
+
+    def encode(self, text):
+        return [self.ids.setdefault(w, len(self.ids) + 3) for w in text.split()]
+
+    def decode(self, ids):
+        words = {i: w for w, i in self.ids.items()}
+        return " ".join(words[int(i)] for i in ids)
+
+
+def test_text_to_image_examples_read_the_caption():
+    """Stage 2's text->image examples are conditioned on the scene's caption, not on a VQA pair of the scene;
+    image->text examples keep their own text (captions and VQA pairs)."""
+    tok = _Words()
+    data = input_pipeline.lm_examples("shapes:50", 28, 0, 10, mix=(0.5, 0.5, 0.0), text_tokenizer=tok)
+    kinds, questions = set(), 0
+    for _, batch in zip(range(4), data, strict=False):
+        for e in batch:
+            text = tok.decode(e["text"])
+            kinds.add(e["kind"])
+            if e["kind"] == input_pipeline.KIND_TEXT_TO_IMAGE:
+                assert text.startswith(shapes.CAPTION_PROMPT + " ") and "Question:" not in text, text
+            else:
+                questions += text.startswith("Question:")
+    assert kinds == {input_pipeline.KIND_IMAGE_TO_TEXT, input_pipeline.KIND_TEXT_TO_IMAGE}
+    assert questions > 0
+
+
 @pytest.mark.parametrize("side", [64, 32])
 def test_analyser_recovers_rendered_attributes(side):
     """On the dataset's own images, at its size and at the detokenizer's 32 px (bicubic, as the data pipeline)."""
@@ -116,3 +148,21 @@ def test_write_checkpoint_never_replaces_another_directory(tmp_path):
     with pytest.raises(FileExistsError, match="not a lavit-jax checkpoint"):
         checkpoint.write_checkpoint(str(other), tokenizer_config={}, tokenizer={"w": np.zeros(2)}, overwrite=True)
     assert (other / "data.bin").read_bytes() == b"x"
+
+
+def test_encoder_pretraining_patch_labels_name_the_colour_under_each_patch():
+    """The dense labels of ``pretrain_encoder``: a patch inside a shape has the shape's colour (1 + index), a
+    patch of pure background 0; the image-level labels are the scene's attribute indices."""
+    size, patch = 56, 14
+    x, labels, dense = demo._train_scenes(0, 6, size, normalise=True, patch=patch)
+    assert x.shape == (6, size, size, 3) and labels.shape == (6, 4) and dense.shape == (6, (size // patch) ** 2)
+    g = size // patch
+    for j in range(6):
+        img, attrs = shapes.scene(shapes.TRAIN_SEEDS[0] + j)
+        assert labels[j].tolist() == [shapes.VALUES[a].index(attrs[a]) for a in shapes.ATTRIBUTES]
+        colour = 1 + list(shapes.COLOURS).index(attrs["colour"])
+        fg = shapes.foreground(np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)))
+        cover = fg.reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
+        assert set(dense[j][cover == 0].tolist()) <= {0}
+        assert set(dense[j][cover > 0.5].tolist()) <= {colour}
+        assert (dense[j] == colour).any()

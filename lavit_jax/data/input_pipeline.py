@@ -35,7 +35,9 @@ elements are lists of ``examples`` stage-2 examples, each a dict ``kind`` (0 ima
 text->image, 2 text only), ``text`` (int32 text ids), ``pixels`` [S, S, 3] float32 (zeros for
 text-only examples and kinds not in ``pixels_for``) and ``index`` (the position in the global
 stream, for per-example random draws). Examples without text are left out; examples without an
-image are text only. Text ids come from ``text_tokenizer`` (``synthetic:N`` has its own). With
+image are text only. A text->image example reads the source's ``generation_text(i)`` where it has one
+(``shapes:N``: the scene's caption, not the example's VQA pair, as a generation corpus holds captions).
+Text ids come from ``text_tokenizer`` (``synthetic:N`` has its own). With
 ``visual_ids`` (precomputed records, ``data/visual_records.py``, record k for source record k) each
 example also has ``visual_ids`` (int32 LLM ids; empty for text-only examples).
 
@@ -213,6 +215,10 @@ class Source:
     def where(self, i: int) -> str:
         raise NotImplementedError
 
+    def generation_text(self, i: int) -> str | None:
+        """The text of example i as a text->image prompt, where it differs from ``read``'s (else None)."""
+        return None
+
 
 class SyntheticSource(Source):
     def __init__(self, n: int):
@@ -250,6 +256,9 @@ class ShapesSource(Source):
 
     def where(self, i):
         return f"shapes:{self.n}{'@heldout' if self.heldout else ''} example {i}"
+
+    def generation_text(self, i):
+        return shapes.example_text(shapes.attributes(self.first + i // shapes.TEXTS_PER_SCENE), 0)
 
 
 class FolderSource(Source):
@@ -782,13 +791,15 @@ def lm_examples(spec: str, image_size: int, seed: int, examples: int, *, mix=(0.
         if text is None:
             _skip(src.where(int(i)), "no text")
             return None
+        u = np.random.default_rng([seed, pos]).random()
+        kind = min(int(np.searchsorted(cum, u, side="right")), KIND_TEXT) if image is not None else KIND_TEXT
+        if kind == KIND_TEXT_TO_IMAGE:
+            text = src.generation_text(int(i)) or text
         if isinstance(text, str):
             text = np.asarray(text_tokenizer.encode(text)[:max_text_tokens], np.int32)
         if len(text) == 0:
             _skip(src.where(int(i)), "empty text")
             return None
-        u = np.random.default_rng([seed, pos]).random()
-        kind = min(int(np.searchsorted(cum, u, side="right")), KIND_TEXT) if image is not None else KIND_TEXT
         out = {"kind": kind, "text": text, "index": pos}
         if visual_ids is not None:
             vis = visual_records.decode_record(visual_ids[int(i)])

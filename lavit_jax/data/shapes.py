@@ -10,6 +10,7 @@ examples: example i shows scene ``TRAIN_SEEDS[0] + i // TEXTS_PER_SCENE`` with t
 i % TEXTS_PER_SCENE)``, the caption after ``CAPTION_PROMPT`` (variant 0: ``"A photo of two small red circles"``)
 or one ``"Question: Q Answer: A"`` pair (``defaults.VQA.prompt`` followed by the answer). The caption prompt tells
 captioning apart from VQA: the demo captions with ``LaVIT.caption(prompt=CAPTION_PROMPT)``.
+A text->image example of stage 2 reads the scene's caption text (variant 0) whatever its variant.
 ``shapes:N@heldout`` reads the held-out scenes.
 
 ``analyse(image)`` is the deterministic analyser of an image [H, W, 3] uint8 (the demo's text-to-image
@@ -28,6 +29,7 @@ SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.12, "large": 0.2}  # half-side of the shape's box, in image widths
 COUNTS = ("one", "two", "three")
 ATTRIBUTES = ("count", "size", "colour", "shape")
+VALUES = {"count": COUNTS, "size": tuple(SIZES), "colour": tuple(COLOURS), "shape": SHAPES}  # per attribute
 QUESTIONS = {"colour": "what color are the shapes?", "shape": "what shape are they?",
              "count": "how many shapes are there?", "size": "what size are the shapes?"}
 VQA_PROMPT = "Question: {} Answer:"  # = inference.defaults.VQA.prompt (the data package does not import inference)
@@ -54,6 +56,11 @@ def attributes(seed: int) -> dict:
     centres = [((k % 2) * 0.5 + rng.uniform(lo, hi), (k // 2) * 0.5 + rng.uniform(lo, hi)) for k in cells]
     attrs["centres"] = [(float(cx), float(cy)) for cx, cy in centres]
     return attrs
+
+
+def attribute_labels(attrs: dict) -> list[int]:
+    """Class index of each attribute (``ATTRIBUTES`` order) in ``VALUES``."""
+    return [VALUES[a].index(attrs[a]) for a in ATTRIBUTES]
 
 
 def caption(attrs: dict) -> str:
@@ -127,6 +134,11 @@ def parse_caption(text: str) -> dict:
     return out
 
 
+def foreground(image) -> np.ndarray:
+    """[H, W] bool: pixels of an image [H, W, 3] uint8 more than 60 levels from the background in a channel."""
+    return np.abs(np.asarray(image, np.float32) - BACKGROUND).max(-1) > 60
+
+
 def analyse(image) -> dict:
     """Attributes of an image [H, W, 3] uint8 (see the module docstring); None where nothing is found."""
     img = np.asarray(image)
@@ -135,7 +147,7 @@ def analyse(image) -> dict:
             np.uint8)
     h, w = img.shape[:2]
     f = img.astype(np.float32)
-    fg = np.abs(f - BACKGROUND).max(-1) > 60
+    fg = foreground(img)
     out = {a: None for a in ATTRIBUTES}
     labels, n = ndimage.label(fg)
     if n == 0:
