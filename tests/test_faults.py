@@ -69,6 +69,7 @@ def arm(fault):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (fault["bytes"], fault["bytes"]))
     elif kind == "nobody":  # root ignores directory permissions: become an ordinary user
+        import configs.lavit_7b  # noqa: F401 -- read while we may (the config file imports it)
         os.setgroups([])
         os.setgid(fault["uid"])
         os.setuid(fault["uid"])
@@ -158,6 +159,11 @@ def faulted(world):
         if fault["kind"] == "read_only":
             parent.chmod(0o555)
             fault = {"kind": "nobody", "uid": NOBODY} if os.geteuid() == 0 else {}
+            if fault:  # the ordinary user may not traverse the checkout's parents: its config from the world
+                configs = world["base"] / "configs"
+                if not configs.exists():
+                    shutil.copytree(REPO / "configs", configs)
+                argv[argv.index(TINY)] = str(configs / "tiny.py")
         runs.append({"argv": argv, "fault": fault, "log": str(world["base"] / f"{name}.log")})
         parents[name] = parent
     proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(runs)], cwd=REPO, capture_output=True, text=True,
