@@ -4,7 +4,8 @@ Steps (settings in ``configs/demo.py``; everything under ``--workdir``, default 
 
 1. a sentencepiece text tokenizer on the dataset's closed vocabulary (``data/shapes.all_texts``);
 2. the EVA encoder pretrained (``pretrain_encoder``: the stand-in for EVA-CLIP, whose weights cannot be
-   loaded here): a linear head on its mean-pooled patch features learns the scene's attribute words. LaVIT
+   loaded here): linear heads on its mean-pooled patch features learn the scene's attribute words, and on
+   each patch feature the colour of the shape under it (or background). LaVIT
    freezes a pretrained encoder whose features say what the image shows; a random one would give stage 1 a
    target whose patch features share a large common component (a cosine of 0.87 to their mean), so
    reconstructing it measures nothing and its codes carry little;
@@ -128,12 +129,11 @@ def _train_scenes(i: int, batch: int, size: int, normalise: bool, patch: int = 0
     out, labels, dense = [], [], []
     for j in range(batch):
         img, attrs = shapes.scene(shapes.TRAIN_SEEDS[0] + (i * batch + j) % 100_000)
-        img = Image.fromarray(img)
-        out.append(preprocess(img, size)[0] if normalise else
-                   np.asarray(img.resize((size, size), Image.BICUBIC), np.float32) / 127.5 - 1.0)
+        img = Image.fromarray(img).resize((size, size), Image.BICUBIC)  # as preprocess resizes
+        out.append(preprocess(img, size)[0] if normalise else np.asarray(img, np.float32) / 127.5 - 1.0)
         labels.append(shapes.attribute_labels(attrs))
         if patch:
-            fg = shapes.foreground(np.asarray(img.resize((size, size), Image.BICUBIC)))
+            fg = shapes.foreground(np.asarray(img))
             g = size // patch
             frac = fg[:g * patch, :g * patch].reshape(g, patch, g, patch).mean((1, 3)).reshape(-1)
             dense.append(np.where(frac >= 0.15, 1 + labels[-1][shapes.ATTRIBUTES.index("colour")], 0))
@@ -288,20 +288,21 @@ def evaluate(model_dir, stage1_config, stage1_params, dcfg, n_scenes, n_prompts)
     out["caption_accuracy"] = float(np.mean(matches))
     out["caption_exact_match"] = float(np.mean([all(m) for m in matches]))
     out["caption_per_attribute"] = dict(zip(shapes.ATTRIBUTES, np.mean(matches, axis=0).tolist(), strict=True))
-    q_imgs, questions, answers = [], [], []
+    q_imgs, questions, answers, asked = [], [], [], []
     for im, t in zip(imgs, truths, strict=True):
-        for q, a in shapes.vqa_pairs(t):
+        for attr, (q, a) in zip(shapes.QUESTIONS, shapes.vqa_pairs(t), strict=True):  # vqa_pairs: QUESTIONS order
             q_imgs.append(im)
             questions.append(q)
             answers.append(a)
+            asked.append(attr)
     t0 = time.time()
     got = model.vqa(q_imgs, questions, min_new_tokens=1, max_new_tokens=4)
     got = [str(a) for a in (got.answers if hasattr(got, "answers") else got)]
     print(f"eval: {len(got)} VQA answers ({time.time() - t0:.0f}s)", flush=True)
     right = np.asarray([(g.split() or [""])[0] == a for g, a in zip(got, answers, strict=True)], np.float64)
     out["vqa_accuracy"] = float(right.mean())
-    asked = list(shapes.QUESTIONS) * len(imgs)  # the attribute each question asks about (vqa_pairs order)
-    out["vqa_per_attribute"] = {a: float(right[[q == a for q in asked]].mean()) for a in shapes.ATTRIBUTES}
+    asked = np.asarray(asked)
+    out["vqa_per_attribute"] = {a: float(right[asked == a].mean()) for a in shapes.ATTRIBUTES}
     prompts = [shapes.example_text(t, 0) for t in truths[:n_prompts]]  # as text->image trained on them
     t0 = time.time()
     ids, lengths = text_to_image_ids(model, prompts, dcfg, (size // stage1_config.tokenizer.patch_size) ** 2)
